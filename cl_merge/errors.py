@@ -1,0 +1,5 @@
+"""Errors the CLI reports as one line with exit code 2 (bad input), as opposed to internal failures."""
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix."""

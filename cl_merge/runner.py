@@ -1,0 +1,118 @@
+"""Run one resolved configuration end to end and write its results JSON."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import metrics
+from .checkpoint import Checkpointer
+from .config import RunConfig, instantiate
+from .errors import UserError
+from .expert_cache import ExpertCache
+from .io import write_json_atomic
+from .progress import Reporter
+from .protocol import run_protocol
+from .results import SCHEMA_VERSION, ensure_results_dir, environment, git_commit, load_result, peak_memory_bytes
+
+DEFAULT_OUT = Path("results/runs")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no CUDA device is visible; use run.device=cpu")
+    return name
+
+
+def result_path(config: RunConfig, out_dir: Path) -> Path:
+    return Path(out_dir) / f"{config.run_id()}.json"
+
+
+def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False,
+            progress: bool = True) -> Tuple[Dict[str, Any], Path]:
+    out_dir = Path(out_dir)
+    ensure_results_dir(out_dir)
+    path = result_path(config, out_dir)
+    if resume and path.exists():
+        return load_result(path), path
+
+    benchmark, learner, merger, settings = instantiate(config)
+    device = resolve_device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / ".cache"
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    t_start = time.perf_counter()
+    with Reporter(enabled=progress) as reporter:
+        t0 = time.perf_counter()
+        adapter = benchmark.build_model(cache_dir=cache_dir, device=device,
+                                        eval_batch_size=settings.eval_batch_size)
+        stream = benchmark.build_stream(order=config.order, seed=config.seed)
+        setup_s = time.perf_counter() - t0
+        checkpointer = Checkpointer(out_dir / f"{config.run_id()}.ckpt", config.fingerprint())
+        cache = ExpertCache(cache_dir / "experts") if settings.expert_cache else None
+        record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
+                              merger=merger, protocol=config.protocol, seed=config.seed,
+                              eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
+                              cache=cache, reporter=reporter)
+    result = assemble(config, stream.names, adapter.model_id, record, device,
+                      setup_s=setup_s, wall_s=time.perf_counter() - t_start)
+    write_json_atomic(path, result)
+    checkpointer.clear()  # the results file is the durable output; the resume point is spent
+    return result, path
+
+
+def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any], device: str,
+             setup_s: float, wall_s: float) -> Dict[str, Any]:
+    matrix = record["acc_matrix"]
+    T = len(task_names)
+    steps = record["step_timings"]
+    timings = {
+        "setup_s": setup_s,
+        "pretrained_eval_s": record["pretrained_eval_s"],
+        "fit_s": sum(s["fit_s"] for s in steps),
+        "merge_s": sum(s["merge_s"] for s in steps),
+        "eval_s": sum(s["eval_s"] for s in steps),
+        "wall_s": wall_s,
+        "per_step": steps,
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": config.benchmark,
+        "tasks": list(task_names),
+        "order": config.order,
+        "seed": config.seed,
+        "strategy": config.label,
+        "learner": config.learner,
+        "merger": config.merger,
+        "protocol": config.protocol,
+        "hyperparameters": config.hyperparameters(),
+        "acc_matrix": matrix,
+        "expert_acc": record["expert_acc"],
+        "acc": metrics.acc(matrix),
+        "bwt": metrics.bwt(matrix),
+        "bwt_denominator": T - 1,
+        "fwt": metrics.fwt(matrix),
+        "normalized_acc": metrics.mean_normalized_accuracy(matrix, record["expert_acc"]),
+        "normalized_acc_per_task": metrics.normalized_accuracy(matrix, record["expert_acc"]),
+        "sar": record["sar"],
+        "timings": timings,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "environment": environment(device),
+        "git_commit": git_commit(),
+        # additions beyond the stable keys
+        "run_id": config.run_id(),
+        "model": model_id,
+        "registered_strategy": config.strategy is not None,
+        "expert_source": record["expert_source"],
+        "run_settings": config.run_params,
+        "conventions": metrics.CONVENTIONS,
+        "config": config.to_dict(),
+    }

@@ -1,0 +1,19 @@
+"""No merging: the expert is deployed as it is (C-FT, EWC, ER)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cl_merge.merger import Merger
+from cl_merge.params import clone
+from cl_merge.registry import register_merger
+
+
+@register_merger
+@dataclasses.dataclass
+class IdentityMerger(Merger):
+    name = "identity"
+    description = "deploy the expert unchanged"
+
+    def merge(self, base, previous, expert, start, step):
+        return clone(expert)

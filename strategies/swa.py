@@ -1,0 +1,19 @@
+"""Stochastic weight averaging over experts: deployed_t = ((t−1)·previous + expert) / t."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cl_merge.merger import Merger
+from cl_merge.params import combine
+from cl_merge.registry import register_merger
+
+
+@register_merger
+@dataclasses.dataclass
+class SWAMerger(Merger):
+    name = "swa"
+    description = "running average of the experts"
+
+    def merge(self, base, previous, expert, start, step):
+        return combine(lambda p, e: ((step - 1) * p + e) / step, previous, expert)

@@ -1,0 +1,25 @@
+import os
+
+# Tests never download: everything is generated or shipped.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# A small, fast mini-suite configuration for end-to-end tests.
+FAST = ["benchmark.num_tasks=3", "benchmark.n_train=96", "benchmark.n_val=32", "benchmark.n_test=96",
+        "learner.steps=15"]
+
+
+@pytest.fixture
+def fast_overrides():
+    return list(FAST)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One head/expert cache for the whole session (heads are built once)."""
+    return tmp_path_factory.mktemp("cache")
