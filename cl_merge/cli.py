@@ -1,4 +1,4 @@
-"""The ``cl-merge`` command: run, list, report, demo.
+"""The ``cl-merge`` command: run, list, report, demo, leaderboard, plot.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix), 1 internal failure.
 """
@@ -50,6 +50,53 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--strategies", nargs="*", help="default: all registered strategies")
     d.add_argument("--quiet", action="store_true")
+
+    lb = sub.add_parser("leaderboard", help="run a grid (strategies x orders x task counts), skipping finished "
+                                            "runs, then report mean ± std over orders")
+    lb.add_argument("config", type=Path, help="grid file (TOML), e.g. results/leaderboard_mini.toml")
+    lb.add_argument("--report-only", action="store_true", help="aggregate existing result files, run nothing")
+    lb.add_argument("--markdown", type=Path, help="write the Markdown leaderboard here (default: the grid's)")
+    lb.add_argument("--csv", type=Path, help="write the CSV leaderboard here (default: the grid's)")
+    lb.add_argument("--reference", type=Path, help="the SAIM Table 1 CSV (default: results/reference/…)")
+    lb.add_argument("--quiet", action="store_true", help="no live progress inside runs")
+
+    pl = sub.add_parser("plot", help="analysis figures (PNG): matrix, curves, delta-hist, disentanglement")
+    kinds = pl.add_subparsers(dest="kind", required=True)
+    m = kinds.add_parser("matrix", help="accuracy-matrix heatmap of one result file (SAIM Fig. 4)")
+    m.add_argument("result", type=Path, help="a result file, or a directory with --strategy/--order/--num-tasks")
+    m.add_argument("--strategy", help="pick the run of this strategy from a directory")
+    m.add_argument("--order", help="pick the run of this order from a directory")
+    m.add_argument("--num-tasks", type=int, help="pick the run with this many tasks from a directory")
+    m.add_argument("--out", type=Path, required=True, help="PNG path")
+    c = kinds.add_parser("curves", help="ACC over seen tasks and SAR vs number of tasks (SAIM Fig. 6)")
+    c.add_argument("paths", nargs="+", type=Path, help="result files or directories")
+    c.add_argument("--strategies", nargs="+", help="only these strategies (default: all found)")
+    c.add_argument("--out", type=Path, required=True, help="PNG path")
+    for name, helptext in (("delta-hist", "log10 |Δθ| histograms of learners' experts (SAIM Fig. 2)"),
+                           ("disentanglement", "weight-disentanglement error ξ(α1, α2) (SAIM Eq. 13/35, Fig. 3/5)")):
+        k = kinds.add_parser(name, help=helptext)
+        k.add_argument("--benchmark", default="mini")
+        k.add_argument("--learners", nargs="+", default=["adam", "sa_bcd"],
+                       help="one panel per learner (default: adam sa_bcd)")
+        k.add_argument("--order", default=None)
+        k.add_argument("--seed", type=int, default=0)
+        k.add_argument("--out", type=Path, required=True, help="PNG path")
+        k.add_argument("--data", type=Path, help="also write the plotted numbers as JSON here")
+        k.add_argument("--quiet", action="store_true")
+        if name == "delta-hist":
+            k.add_argument("--tasks", nargs="+", help="task names or stream positions (default: the first 3)")
+        else:
+            k.add_argument("--pair", nargs=2, default=["1", "2"], metavar=("TASK1", "TASK2"),
+                           help="task names or stream positions (default: 1 2)")
+            k.add_argument("--others", choices=["absent", "fixed"], default="absent",
+                           help="other tasks' vectors absent (Eq. 13) or fixed (Eq. 35)")
+            k.add_argument("--others-alpha", default="auto",
+                           help="coefficient of the fixed other tasks: a number, or auto (validation search)")
+            k.add_argument("--grid", type=int, default=21, help="points per axis over [-0.5, 1.5]")
+            k.add_argument("--eval-n", type=int, default=128, help="test examples per task")
+        k.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="benchmark.*, learner.* (shared by the learners) and run.* settings; "
+                            "run.cache_dir=DIR reuses a leaderboard's experts")
     return p
 
 
@@ -73,8 +120,13 @@ def _summary(result, path) -> None:
     out.print(f"[bold]{result['strategy']}[/] ({result['protocol']}) on {result['benchmark']} "
               f"[{len(result['tasks'])} tasks, order {result['order']}, seed {result['seed']}]: "
               f"ACC {pct(result['acc'])}  BWT {pct(result['bwt'])}  FWT {pct(result['fwt'])}  "
-              f"norm. ACC {pct(result['normalized_acc'])}  ({result['timings']['wall_s']:.1f} s)")
+              f"norm. ACC {pct(result['normalized_acc'])}  SAR {_sar(result)}  ({result['timings']['wall_s']:.1f} s)")
     out.print(f"results: {path}")
+
+
+def _sar(result) -> str:
+    sar = (result.get("sar") or [None])[-1]
+    return "–" if sar is None else f"{sar:.3f}"
 
 
 def cmd_list(_args) -> int:
@@ -144,7 +196,99 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "demo": cmd_demo}
+def cmd_leaderboard(args) -> int:
+    from . import leaderboard as lb
+    from .io import write_text_atomic
+
+    grid = lb.load_grid(args.config)
+    configs = lb.expand(grid)  # every name and override is checked before anything runs
+    reference = None
+    if any(c.benchmark in lb.REFERENCE_BENCHMARKS for c in configs):
+        if args.reference or lb.REFERENCE_TABLE.exists():
+            reference = lb.load_reference(args.reference or lb.REFERENCE_TABLE)
+        else:
+            out.print(f"[yellow]the paper's reference table is not at {lb.REFERENCE_TABLE} (not a source "
+                      "checkout?); pass --reference PATH to show it[/]")
+    markdown_path = args.markdown or grid.markdown
+    csv_path = args.csv or grid.csv
+    for target in (markdown_path, csv_path):
+        if target is not None and target.is_dir():
+            raise UserError(f"{target} is a directory; give a file path for the leaderboard")
+    if not args.report_only:
+        from .results import ensure_results_dir
+
+        ensure_results_dir(grid.out)
+        counts = lb.run_grid(configs, grid.out, progress=not args.quiet, console=out)
+        out.print(f"{len(configs)} runs: {counts['ran']} ran now, {counts['finished_before']} had finished earlier "
+                  f"(results in {grid.out})", highlight=False)
+    results, missing = lb.collect(configs, grid.out)
+    if not results:
+        raise UserError(f"no results for any of the {len(configs)} runs of {args.config} under {grid.out}; "
+                        "run it without --report-only")
+    if missing:
+        out.print(f"[yellow]{len(missing)} of {len(configs)} runs have no results yet[/] (e.g. "
+                  f"{missing[0].run_id()}); rerun without --report-only to complete the grid")
+    rows = lb.aggregate(results, reference)
+    out.print(lb.rich_table(rows, grid.title))
+    for note in lb.footnotes(rows) + (lb.reference_notes(rows, reference) if reference else []):
+        out.print(f"  {note}", highlight=False)
+    if markdown_path:
+        write_text_atomic(markdown_path, lb.markdown(rows, grid.title, reference))
+        out.print(f"markdown: {markdown_path}")
+    if csv_path:
+        write_text_atomic(csv_path, lb.csv_text(rows))
+        out.print(f"csv: {csv_path}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import plots
+    from .io import write_json_atomic
+    from .results import find_results, load_result
+
+    plots.check_png_path(args.out)
+    if args.kind == "matrix":
+        fig = plots.matrix_figure(plots.pick_result(args.result, args.strategy, args.order, args.num_tasks))
+    elif args.kind == "curves":
+        files = find_results(args.paths)
+        results = [load_result(f) for f in files]
+        if args.strategies:
+            results = [r for r in results if r["strategy"] in args.strategies]
+        if not results:
+            raise UserError(f"no result files{' of ' + ', '.join(args.strategies) if args.strategies else ''} "
+                            f"under {', '.join(map(str, args.paths))}")
+        fig = plots.curves_figure(results)
+    else:
+        if args.kind == "disentanglement":
+            if not 2 <= args.grid <= 101:
+                raise UserError(f"--grid must be between 2 and 101; got {args.grid}")
+            if args.eval_n < 1:
+                raise UserError(f"--eval-n must be at least 1; got {args.eval_n}")
+            others_alpha = plots.parse_alpha(args.others_alpha)
+        source = plots.ExpertSource(args.benchmark, args.learners, order=args.order, seed=args.seed,
+                                    overrides=args.overrides, progress=not args.quiet)
+        if args.kind == "delta-hist":
+            indices = [source.task_index(t) for t in (args.tasks or [str(i) for i in range(1, min(3, len(source.stream)) + 1)])]
+            data = plots.delta_hist_data(source, args.learners, indices)
+            fig = plots.delta_hist_figure(data)
+        else:
+            pair = tuple(source.task_index(t) for t in args.pair)
+            if pair[0] == pair[1]:
+                raise UserError(f"--pair needs two different tasks; got {args.pair[0]} twice")
+            data = {"panels": [plots.disentanglement_data(source, name, pair, args.others, others_alpha,
+                                                          grid=args.grid, eval_n=args.eval_n)
+                               for name in args.learners]}
+            fig = plots.disentanglement_figure(data["panels"])
+        if args.data:
+            write_json_atomic(args.data, data)
+            out.print(f"data: {args.data}")
+    plots.save_png(fig, args.out)
+    out.print(f"plot: {args.out} — {plots.title_of(fig)}", highlight=False)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "demo": cmd_demo,
+            "leaderboard": cmd_leaderboard, "plot": cmd_plot}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -26,6 +26,13 @@ class RunSettings(Component):
     threads: Optional[int] = None  # torch intra-op threads; None = torch's default
     expert_cache: bool = True  # reuse independent-protocol experts across strategies
     cache_dir: Optional[str] = None  # default: <out>/.cache
+    sar: bool = True  # record the subspace alignment ratio per step (one SVD per 2-D layer per step)
+    sar_store: bool = False  # keep each task's update on disk (bf16) so SAR averages over all seen tasks
+    sar_energy: float = 0.95  # retained energy that picks the merged update's rank k
+
+    def __post_init__(self):
+        if not 0.0 < self.sar_energy <= 1.0:
+            raise ValueError(f"run.sar_energy must be in (0, 1], e.g. 0.95; got {self.sar_energy}")
 
 
 # settings that change speed or storage but never a result (left out of the run fingerprint)
@@ -60,7 +67,7 @@ class RunConfig:
 
     def run_id(self) -> str:
         return (f"{self.benchmark}_{self.label}_{self.protocol}_order{self.order}_seed{self.seed}_"
-                f"{self.fingerprint()[:8]}").replace("/", "-")
+                f"{self.fingerprint()[:8]}").replace("/", "-").replace(":", "-")
 
     def hyperparameters(self) -> Dict[str, Any]:
         out = {f"learner.{k}": v for k, v in self.learner_params.items()}
@@ -131,17 +138,26 @@ def resolve(benchmark: str, strategy: Optional[str] = None, learner: Optional[st
     bench = built["benchmark"]
     if order is None:
         order = bench_cls.default_order
+    order = resolve_order(bench, benchmark, order)
+    return RunConfig(
+        benchmark=benchmark, strategy=strategy, learner=learner, merger=merger, protocol=protocol,
+        order=order, seed=int(seed),
+        learner_params=built["learner"].config(), merger_params=built["merger"].config(),
+        benchmark_params=built["benchmark"].config(), run_params=built["run"].config(),
+    )
+
+
+def resolve_order(bench, benchmark: str, order: Any) -> Any:
+    """A benchmark may accept generated orders (e.g. vision20's ``seed:N``) through ``resolve_order``;
+    otherwise the order must be one of ``orders()``."""
+    if hasattr(bench, "resolve_order"):
+        return bench.resolve_order(order)
     known_orders = bench.orders()
     matched = [o for o in known_orders if str(o) == str(order)]
     if not matched:
         raise UserError(f"unknown order '{order}' for benchmark {benchmark}; known: "
                         f"{', '.join(map(str, known_orders))}")
-    return RunConfig(
-        benchmark=benchmark, strategy=strategy, learner=learner, merger=merger, protocol=protocol,
-        order=matched[0], seed=int(seed),
-        learner_params=built["learner"].config(), merger_params=built["merger"].config(),
-        benchmark_params=built["benchmark"].config(), run_params=built["run"].config(),
-    )
+    return matched[0]
 
 
 def instantiate(config: RunConfig):

@@ -42,6 +42,8 @@ class Learner(Component):
     set ``stateful = True`` and implement ``state_dict``/``load_state_dict`` for checkpoints."""
 
     stateful: ClassVar[bool] = False
+    cacheable: ClassVar[bool] = True  # independent-protocol experts may be stored in the expert cache
+    expert_source: ClassVar[str] = "trained"  # recorded per step in the results' expert_source
 
     def fit(self, start: StateDict, ctx: FitContext) -> StateDict:  # pragma: no cover - interface
         raise NotImplementedError

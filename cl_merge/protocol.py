@@ -5,6 +5,7 @@
         start  ← θ0 (independent) | deployed (sequential)
         expert ← learner.fit(start, task)          (or the expert cache, independent only)
         deployed ← merger.merge(θ0, deployed, expert, start, t)
+        sar[t] ← SAR(expert − start, deployed − θ0)  (+ every earlier task with run.sar_store=true)
         row t ← evaluate(deployed, every task)     (unseen cells null if run.eval_unseen=false)
         checkpoint(t)
 """
@@ -22,6 +23,7 @@ from .merger import Merger
 from .models.base import ModelAdapter
 from .params import StateDict, clone
 from .progress import Reporter
+from .sar import SARMeter
 from .task import Stream, Task
 
 
@@ -45,7 +47,7 @@ def evaluate_row(adapter: ModelAdapter, tasks: List[Task], seen: int, eval_unsee
 def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, learner_name: str,
                  merger: Merger, protocol: str, seed: int, eval_unseen: bool,
                  checkpointer: Checkpointer, resume: bool, cache: Optional[ExpertCache],
-                 reporter: Reporter) -> Dict[str, Any]:
+                 reporter: Reporter, sar: Optional[SARMeter] = None) -> Dict[str, Any]:
     tasks = stream.tasks
     T = len(tasks)
     for task in tasks:
@@ -68,18 +70,22 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         row0 = evaluate_row(adapter, tasks, T, True, reporter, "evaluate θ0")
         record = {"acc_matrix": [row0], "expert_acc": [], "sar": [], "expert_source": [],
                   "step_timings": [], "pretrained_eval_s": time.perf_counter() - t0}
+    for key in ("sar_current", "sar_per_task", "sar_skipped_layers", "sar_rank_mean"):
+        record.setdefault(key, [])
+    record["sar_scope"] = sar.scope if sar is not None else None
 
-    use_cache = cache is not None and protocol == "independent" and not learner.stateful
+    use_cache = (cache is not None and protocol == "independent" and learner.cacheable
+                 and not learner.stateful)
     for t in range(done + 1, T + 1):
         task = tasks[t - 1]
         start = theta0 if protocol == "independent" else deployed
         ctx_seed = fit_seed(seed, task, t, protocol)
         t_fit = time.perf_counter()
-        expert, source = None, "trained"
+        expert, source = None, learner.expert_source
         if use_cache:
             key = expert_key(adapter.base_fingerprint(), task.fingerprint, learner_name, learner.config(), ctx_seed)
             expert = cache.get(key)
-            source = "cache" if expert is not None else "trained"
+            source = "cache" if expert is not None else learner.expert_source
         if expert is None:
             steps = getattr(learner, "steps", None) or 0
             with reporter.task(f"step {t}/{T} fine-tune {task.name}", total=steps) as bar:
@@ -99,6 +105,10 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         deployed = merger.merge(base=theta0, previous=deployed, expert=expert, start=start, step=t)
         merge_s = time.perf_counter() - t_merge
 
+        t_sar = time.perf_counter()
+        sar_step = sar.step(t, theta0, start, expert, deployed) if sar is not None else {}
+        sar_s = time.perf_counter() - t_sar
+
         t_eval = time.perf_counter()
         adapter.set_state(deployed)
         row = evaluate_row(adapter, tasks, t, eval_unseen, reporter, f"step {t}/{T} evaluate")
@@ -106,9 +116,13 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
 
         record["acc_matrix"].append(row)
         record["expert_acc"].append(expert_acc)
-        record["sar"].append(None)  # filled by the SAR metric when it is enabled
+        record["sar"].append(sar_step.get("sar"))  # null when run.sar=false
+        record["sar_current"].append(sar_step.get("current"))
+        record["sar_per_task"].append(sar_step.get("per_task"))
+        record["sar_skipped_layers"].append(sar_step.get("skipped_layers"))
+        record["sar_rank_mean"].append(sar_step.get("rank_mean"))
         record["expert_source"].append(source)
-        record["step_timings"].append({"fit_s": fit_s, "merge_s": merge_s, "eval_s": eval_s})
+        record["step_timings"].append({"fit_s": fit_s, "merge_s": merge_s, "eval_s": eval_s, "sar_s": sar_s})
         checkpointer.save(t, record, {"deployed": deployed, "merger": merger.state_dict(),
                                       "learner": learner.state_dict()})
         reporter.log(f"step {t}/{T} {task.name}: expert {expert_acc:.3f}, deployed on it {row[t - 1]:.3f}"

@@ -11,7 +11,7 @@ from rich.table import Table
 COLUMNS = [
     ("strategy", "strategy"), ("protocol", "protocol"), ("benchmark", "benchmark"), ("T", "T"),
     ("order", "order"), ("seed", "seed"), ("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"),
-    ("norm. ACC", "normalized_acc"), ("wall s", "wall_s"),
+    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("wall s", "wall_s"),
 ]
 _PERCENT = {"acc", "bwt", "fwt", "normalized_acc"}
 
@@ -23,6 +23,7 @@ def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "strategy": r["strategy"], "protocol": r["protocol"], "benchmark": r["benchmark"],
             "T": len(r["tasks"]), "order": r["order"], "seed": r["seed"], "acc": r["acc"], "bwt": r["bwt"],
             "fwt": r["fwt"], "normalized_acc": r["normalized_acc"],
+            "sar": (r.get("sar") or [None])[-1],  # after the final step
             "wall_s": (r.get("timings") or {}).get("wall_s"),
         })
     return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"])))
@@ -35,13 +36,15 @@ def fmt(key: str, value: Any) -> str:
         return f"{100 * value:.1f}"
     if key == "wall_s":
         return f"{value:.1f}"
+    if key == "sar":
+        return f"{value:.3f}"
     return str(value)
 
 
 def rich_table(table_rows: List[Dict[str, Any]], title: str = "cl_merge results (ACC/BWT/FWT in %)") -> Table:
     table = Table(title=title)
     for header, key in COLUMNS:
-        table.add_column(header, justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed"} else "left")
+        table.add_column(header, justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed", "sar"} else "left")
     for row in table_rows:
         table.add_row(*(fmt(key, row[key]) for _, key in COLUMNS))
     return table
@@ -49,10 +52,11 @@ def rich_table(table_rows: List[Dict[str, Any]], title: str = "cl_merge results 
 
 def markdown(table_rows: List[Dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |",
-             "|" + "|".join("---:" if k in _PERCENT or k in {"T", "wall_s", "seed"} else "---" for _, k in COLUMNS) + "|"]
+             "|" + "|".join("---:" if k in _PERCENT or k in {"T", "wall_s", "seed", "sar"} else "---" for _, k in COLUMNS) + "|"]
     for row in table_rows:
         lines.append("| " + " | ".join(fmt(k, row[k]) for _, k in COLUMNS) + " |")
-    return "\n".join(lines) + "\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %.\n"
+    return "\n".join(lines) + ("\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %; SAR (subspace alignment "
+                                "ratio) after the final step, in [0, 1].\n")
 
 
 def csv_text(table_rows: List[Dict[str, Any]]) -> str:

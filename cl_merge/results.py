@@ -24,7 +24,8 @@ STABLE_KEYS = (
     "fwt", "normalized_acc", "sar", "timings", "peak_memory_bytes", "environment", "git_commit",
 )
 # keys that differ between two runs of the same config + seed
-VOLATILE_KEYS = ("timings", "peak_memory_bytes", "environment", "git_commit", "created")
+# expert_source depends on what the cache already held (provenance, not a result)
+VOLATILE_KEYS = ("timings", "peak_memory_bytes", "environment", "git_commit", "created", "expert_source")
 MARKER = ".cl_merge"
 
 _PACKAGES = ("cl_merge", "torch", "torchvision", "open_clip_torch", "avalanche-lib", "datasets", "numpy",

@@ -17,6 +17,7 @@ from .io import write_json_atomic
 from .progress import Reporter
 from .protocol import run_protocol
 from .results import SCHEMA_VERSION, ensure_results_dir, environment, git_commit, load_result, peak_memory_bytes
+from .sar import SARMeter
 
 DEFAULT_OUT = Path("results/runs")
 
@@ -58,12 +59,17 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
         setup_s = time.perf_counter() - t0
         checkpointer = Checkpointer(out_dir / f"{config.run_id()}.ckpt", config.fingerprint())
         cache = ExpertCache(cache_dir / "experts") if settings.expert_cache else None
+        # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
+        sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
+               if settings.sar else None)
         record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
                               merger=merger, protocol=config.protocol, seed=config.seed,
                               eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
-                              cache=cache, reporter=reporter)
+                              cache=cache, reporter=reporter, sar=sar)
     result = assemble(config, stream.names, adapter.model_id, record, device,
                       setup_s=setup_s, wall_s=time.perf_counter() - t_start)
+    if hasattr(stream, "order_record"):  # generated orders: the explicit permutation
+        result["order_detail"] = stream.order_record()
     write_json_atomic(path, result)
     checkpointer.clear()  # the results file is the durable output; the resume point is spent
     return result, path
@@ -80,6 +86,7 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "fit_s": sum(s["fit_s"] for s in steps),
         "merge_s": sum(s["merge_s"] for s in steps),
         "eval_s": sum(s["eval_s"] for s in steps),
+        "sar_s": sum(s.get("sar_s", 0.0) for s in steps),
         "wall_s": wall_s,
         "per_step": steps,
     }
@@ -114,5 +121,13 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "expert_source": record["expert_source"],
         "run_settings": config.run_params,
         "conventions": metrics.CONVENTIONS,
+        # SAR detail: `sar` is the mean over the tasks in `sar_scope` (current task, or every seen task
+        # with run.sar_store=true); `sar_current` is always the current task's value
+        "sar_scope": record.get("sar_scope"),
+        "sar_energy": config.run_params.get("sar_energy"),
+        "sar_current": record.get("sar_current"),
+        "sar_per_task": record.get("sar_per_task"),
+        "sar_skipped_layers": record.get("sar_skipped_layers"),
+        "sar_rank_mean": record.get("sar_rank_mean"),
         "config": config.to_dict(),
     }

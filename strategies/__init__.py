@@ -4,5 +4,8 @@ Importing this package registers them. Each module holds one learner or merger; 
 the (learner, merger, protocol, hyperparameters) combinations.
 """
 
-from . import adam, identity, swa, task_arithmetic  # noqa: F401  (registration)
+from . import adam, checkpoint, identity, swa, task_arithmetic  # noqa: F401  (registration)
+from . import magmax, opcm, ties  # noqa: F401  (registration: merging baselines)
+from . import avalanche_learner, er, ewc  # noqa: F401  (registration: Avalanche-driven CL learners)
+from . import isotropic, sa_bcd, sam  # noqa: F401  (registration: SAIM's SA-BCD + isotropic merge, SAM/ASAM)
 from . import catalog  # noqa: F401  (must come after the components it names)

@@ -30,7 +30,10 @@ def state_fingerprint(module: torch.nn.Module) -> str:
 
 class ClipClassifier(ModelAdapter):
     def __init__(self, model, tokenizer, model_id: str, head_cache_dir: Optional[os.PathLike] = None,
-                 device: str = "cpu", eval_batch_size: int = 256, num_workers: int = 0):
+                 device: str = "cpu", eval_batch_size: int = 256, num_workers: int = 0,
+                 precision: str = "fp32"):
+        if precision not in _AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(_AUTOCAST_DTYPES)}; got {precision!r}")
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -43,6 +46,8 @@ class ClipClassifier(ModelAdapter):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self._device = torch.device(device)
+        # mixed precision (autocast; weights and gradients stay fp32) applies on CUDA only
+        self.precision = precision if self._device.type == "cuda" else "fp32"
         self._fingerprint = state_fingerprint(self.model)
         self._heads: Dict[str, torch.Tensor] = {}
         self.logit_scale = float(self.model.logit_scale.detach().exp())
@@ -94,8 +99,11 @@ class ClipClassifier(ModelAdapter):
 
     # ---- training and evaluation ------------------------------------------------------------
     def logits(self, images: torch.Tensor, task: Task) -> torch.Tensor:
-        features = self.model.encode_image(images.to(self._device), normalize=True)
-        return self.logit_scale * features @ self.head(task).T
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        with torch.autocast(device_type=self._device.type, dtype=dtype, enabled=dtype is not None):
+            features = self.model.encode_image(images.to(self._device, non_blocking=True), normalize=True)
+            logits = self.logit_scale * features @ self.head(task).T
+        return logits.float()
 
     def loss(self, batch, task: Task) -> torch.Tensor:
         images, labels = batch
@@ -113,14 +121,21 @@ class ClipClassifier(ModelAdapter):
     @torch.no_grad()
     def score(self, task: Task, split: str = "test") -> float:
         dataset = task.split(split)
-        loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                            num_workers=self.num_workers)
+        if hasattr(dataset, "iter_batches"):
+            # pre-processed splits (e.g. vision20's uint8 caches) normalise whole batches on the device
+            loader = dataset.iter_batches(self.eval_batch_size, self._device)
+        else:
+            loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                                num_workers=self.num_workers)
         correct = total = 0
         for images, labels in loader:
             pred = self.logits(images, task).argmax(-1).cpu()
             correct += int((pred == labels).sum())
             total += len(labels)
         return correct / max(total, 1)
+
+
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _cycle(dataset: Dataset, batch_size: int, steps: int, generator: torch.Generator, num_workers: int):

@@ -1,0 +1,556 @@
+"""Leaderboards over task orders: a grid of runs, run locally (finished runs are skipped), then
+aggregated from the result files alone.
+
+The grid is a TOML file (paths are relative to the file)::
+
+    benchmark = "mini"
+    strategies = "all"              # every registered strategy, or a list of names
+    orders = [1, 2, 3, 4, 5]        # or "all"; default: the benchmark's default order
+    seeds = [0]                     # default [0]
+    num_tasks = [4, 9]              # benchmark.num_tasks per run (T); omit for the full stream
+    overrides = ["run.sar_store=true"]   # key=value applied to every run
+    out = "mini/runs"               # result files (default: runs/ next to this file)
+    markdown = "mini/leaderboard.md"     # optional outputs (the CLI's --markdown/--csv win)
+    csv = "mini/leaderboard.csv"
+    title = "mini suite"
+
+    [[runs]]                        # more entries: a strategy with its own overrides, or any
+    learner = "adam"                # learner x merger (x protocol) combination
+    merger = "swa"
+    protocol = "sequential"
+    overrides = ["learner.lr=3e-4"]
+
+``load_grid`` reads and checks the file, ``expand`` turns it into resolved ``RunConfig`` objects
+(every name and override is checked before anything runs), ``run_grid`` executes the missing ones
+(``runner.execute(..., resume=True)``: a finished run's result file is reused, a killed run continues
+from its checkpoint), ``aggregate`` groups result dicts into leaderboard rows. Executors other than
+the local loop only need ``expand``.
+
+Aggregation: one row per (benchmark, strategy, protocol, T, hyperparameters); ACC, BWT, SAR at the
+final step and normalized ACC as mean ± sample standard deviation (n − 1) over the group's runs
+(orders × seeds); per-order values (mean over seeds); the worst order = lowest ACC.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .config import RunConfig, resolve
+from .errors import UserError
+from .results import load_result
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+REFERENCE_TABLE = Path(__file__).resolve().parent.parent / "results" / "reference" / "saim_table1_acc_bwt.csv"
+REFERENCE_BENCHMARKS = {"vision20"}
+# our strategy names -> the method names of the paper's Table 1
+REFERENCE_ALIASES = {"magmax-ind": "magmax", "magmax_ind": "magmax", "c-magmax": "magmax", "c-opcm": "opcm",
+                     "ties": "c-ties", "c_ties": "c-ties", "c_ta": "c-ta", "c_ft": "c-ft"}
+
+_TOP_KEYS = {"benchmark", "strategies", "runs", "orders", "seeds", "num_tasks", "overrides", "out",
+             "markdown", "csv", "title"}
+_RUN_KEYS = {"strategy", "learner", "merger", "protocol", "overrides"}
+
+
+# ---- the grid ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GridEntry:
+    strategy: Optional[str] = None
+    learner: Optional[str] = None
+    merger: Optional[str] = None
+    protocol: Optional[str] = None
+    overrides: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Grid:
+    benchmark: str
+    entries: List[GridEntry]
+    orders: Optional[List[Any]] = None  # None: the benchmark's default order
+    seeds: List[int] = dataclasses.field(default_factory=lambda: [0])
+    num_tasks: List[Optional[int]] = dataclasses.field(default_factory=lambda: [None])
+    overrides: List[str] = dataclasses.field(default_factory=list)
+    out: Path = Path("results/runs")
+    markdown: Optional[Path] = None
+    csv: Optional[Path] = None
+    title: Optional[str] = None
+    source: Optional[Path] = None
+
+
+def _where(source: Optional[Path]) -> str:
+    return f"grid {source}" if source else "grid"
+
+
+def _str_list(value: Any, key: str, where: str) -> List[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: '{key}' must be a list of strings, e.g. {key} = [\"learner.lr=1e-4\"]")
+    return list(value)
+
+
+def _int_list(value: Any, key: str, where: str, allow_none: bool = False) -> List[Any]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where}: '{key}' must be a non-empty list of integers, e.g. {key} = [0, 1]")
+    return list(value)
+
+
+def parse_grid(data: Dict[str, Any], base_dir: Path = Path("."), source: Optional[Path] = None) -> Grid:
+    """A grid from an already-parsed mapping (paths resolved against ``base_dir``)."""
+    where = _where(source)
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(_TOP_KEYS))}")
+    benchmark = data.get("benchmark")
+    if not isinstance(benchmark, str) or not benchmark:
+        raise UserError(f"{where}: set benchmark = \"NAME\" (see `cl-merge list`)")
+
+    entries: List[GridEntry] = []
+    strategies = data.get("strategies", [])
+    if strategies == "all":
+        from .registry import STRATEGIES
+
+        strategies = STRATEGIES.names()
+    for name in _str_list(strategies, "strategies", where):
+        entries.append(GridEntry(strategy=name))
+    runs = data.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise UserError(f"{where}: 'runs' must be a list of tables ([[runs]] sections)")
+    for i, run in enumerate(runs, start=1):
+        bad = sorted(set(run) - _RUN_KEYS)
+        if bad:
+            raise UserError(f"{where}: [[runs]] #{i} has unknown key '{bad[0]}'; known: {', '.join(sorted(_RUN_KEYS))}")
+        for key in ("strategy", "learner", "merger", "protocol"):
+            if key in run and not isinstance(run[key], str):
+                raise UserError(f"{where}: [[runs]] #{i}: '{key}' must be a string")
+        if not run.get("strategy") and not (run.get("learner") and run.get("merger")):
+            raise UserError(f"{where}: [[runs]] #{i} needs strategy = \"NAME\" or both learner and merger")
+        entries.append(GridEntry(strategy=run.get("strategy"), learner=run.get("learner"),
+                                 merger=run.get("merger"), protocol=run.get("protocol"),
+                                 overrides=_str_list(run.get("overrides", []), "overrides", f"{where} [[runs]] #{i}")))
+    if not entries:
+        raise UserError(f"{where}: no runs; set strategies = [\"c-ta\", ...] or \"all\", or add [[runs]] sections")
+
+    orders = data.get("orders")
+    if orders == "all":
+        from .registry import BENCHMARKS
+
+        orders = BENCHMARKS.get(benchmark)().orders()
+    elif orders is not None:
+        if not isinstance(orders, list):
+            orders = [orders]
+        if not orders or not all(isinstance(o, (int, str)) and not isinstance(o, bool) for o in orders):
+            raise UserError(f"{where}: 'orders' must be \"all\" or a non-empty list of order ids, e.g. [1, 2, 3]")
+    seeds = _int_list(data.get("seeds", [0]), "seeds", where)
+    num_tasks: List[Optional[int]] = [None]
+    if "num_tasks" in data:
+        num_tasks = _int_list(data["num_tasks"], "num_tasks", where)
+
+    def path(key: str, default: Optional[str]) -> Optional[Path]:
+        value = data.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{where}: '{key}' must be a path string")
+        p = Path(value)
+        return p if p.is_absolute() else base_dir / p
+
+    title = data.get("title")
+    if title is not None and not isinstance(title, str):
+        raise UserError(f"{where}: 'title' must be a string")
+    return Grid(benchmark=benchmark, entries=entries, orders=orders, seeds=seeds, num_tasks=num_tasks,
+                overrides=_str_list(data.get("overrides", []), "overrides", where),
+                out=path("out", "runs"), markdown=path("markdown", None), csv=path("csv", None),
+                title=title, source=source)
+
+
+def load_grid(path: Path) -> Grid:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no such grid file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"grid file {path} is unreadable ({exc.__class__.__name__})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"grid file {path} is not valid TOML ({exc}); fix the syntax") from None
+    return parse_grid(data, base_dir=path.resolve().parent, source=path)
+
+
+def expand(grid: Grid) -> List[RunConfig]:
+    """Every run of the grid, resolved and checked (T × entry × order × seed), without duplicates."""
+    configs: List[RunConfig] = []
+    seen = set()
+    for T in grid.num_tasks:
+        for entry in grid.entries:
+            for order in (grid.orders or [None]):
+                for seed in grid.seeds:
+                    overrides = list(grid.overrides) + list(entry.overrides)
+                    if T is not None:
+                        overrides.append(f"benchmark.num_tasks={T}")
+                    try:
+                        config = resolve(grid.benchmark, strategy=entry.strategy, learner=entry.learner,
+                                         merger=entry.merger, protocol=entry.protocol, order=order,
+                                         seed=seed, overrides=overrides)
+                    except UserError as exc:
+                        raise UserError(f"{_where(grid.source)}: {exc}") from None
+                    if config.run_id() not in seen:
+                        seen.add(config.run_id())
+                        configs.append(config)
+    return configs
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True, console=None) -> Dict[str, int]:
+    """Execute every config whose result file is missing (resume=True); returns counts."""
+    from .runner import execute, result_path
+
+    counts = {"finished_before": 0, "ran": 0}
+    for i, config in enumerate(configs, start=1):
+        path = result_path(config, out_dir)
+        head = (f"[{i}/{len(configs)}] {config.label} ({config.protocol}) "
+                f"T={config.benchmark_params.get('num_tasks') or 'all'} order {config.order} seed {config.seed}")
+        if path.exists():
+            load_result(path)  # a corrupt file stops here, named
+            counts["finished_before"] += 1
+            if console is not None:
+                console.print(f"{head}: finished earlier, skipped", highlight=False)
+            continue
+        if console is not None:
+            console.rule(head)
+        t0 = time.perf_counter()
+        result, _ = execute(config, out_dir=out_dir, resume=True, progress=progress)
+        counts["ran"] += 1
+        if console is not None:
+            console.print(f"{head}: ACC {100 * result['acc']:.1f} in {time.perf_counter() - t0:.1f} s",
+                          highlight=False)
+    return counts
+
+
+def collect(configs: Sequence[RunConfig], out_dir: Path) -> Tuple[List[Dict[str, Any]], List[RunConfig]]:
+    """The grid's result files (loaded and validated) and the configs that have none yet."""
+    from .runner import result_path
+
+    results, missing = [], []
+    for config in configs:
+        path = result_path(config, out_dir)
+        if path.exists():
+            results.append(load_result(path))
+        else:
+            missing.append(config)
+    return results, missing
+
+
+# ---- aggregation --------------------------------------------------------------------------------------
+def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
+    """Mean and sample standard deviation (n − 1) of the non-null values, and their count."""
+    kept = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not kept:
+        return None, None, 0
+    return statistics.fmean(kept), (statistics.stdev(kept) if len(kept) > 1 else None), len(kept)
+
+
+def final_sar(result: Dict[str, Any]) -> Optional[float]:
+    sar = result.get("sar") or []
+    return sar[-1] if sar else None
+
+
+def _variant(result: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in (result.get("hyperparameters") or {}).items() if k != "benchmark.num_tasks"}
+
+
+def _order_key(order: Any):
+    return (0, order, "") if isinstance(order, int) else (1, 0, str(order))
+
+
+@dataclasses.dataclass
+class Row:
+    benchmark: str
+    model: Optional[str]
+    strategy: str
+    variant: str  # the hyperparameters that distinguish this row from same-named ones ("" if none)
+    protocol: str
+    T: int
+    runs: List[Dict[str, Any]]
+    stats: Dict[str, Tuple[Optional[float], Optional[float], int]]
+    per_order: Dict[Any, Dict[str, Optional[float]]]
+    worst_order: Any
+    sar_scope: Optional[str]
+    reference: Optional[Dict[str, Any]] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy} [{self.variant}]" if self.variant else self.strategy
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+
+METRICS = {"acc": lambda r: r.get("acc"), "bwt": lambda r: r.get("bwt"), "sar": final_sar,
+           "normalized_acc": lambda r: r.get("normalized_acc"),
+           "zero_shot": lambda r: statistics.fmean(r["acc_matrix"][0]) if r.get("acc_matrix") and None not in r["acc_matrix"][0] else None,
+           "expert": lambda r: statistics.fmean(r["expert_acc"]) if r.get("expert_acc") else None}
+
+
+def aggregate(results: Sequence[Dict[str, Any]], reference: Optional[List[Dict[str, Any]]] = None) -> List[Row]:
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in results:
+        key = (r["benchmark"], r.get("model"), r["strategy"], r["protocol"], len(r["tasks"]),
+               json.dumps(_variant(r), sort_keys=True, default=str))
+        groups.setdefault(key, []).append(r)
+
+    # name the hyperparameters that tell same-named groups apart
+    by_name: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for key in groups:
+        by_name.setdefault(key[:5], []).append(json.loads(key[5]))
+    rows = []
+    for key, runs in groups.items():
+        benchmark, model, strategy, protocol, T, variant_json = key
+        variants = by_name[key[:5]]
+        variant = ""
+        if len(variants) > 1:
+            mine = json.loads(variant_json)
+            differing = sorted({k for v in variants for k in set(v) | set(mine) if v.get(k) != mine.get(k)})
+            variant = ", ".join(f"{k}={mine.get(k)}" for k in differing)
+        stats = {m: mean_std([f(r) for r in runs]) for m, f in METRICS.items()}
+        per_order: Dict[Any, Dict[str, Optional[float]]] = {}
+        for order in sorted({r["order"] for r in runs}, key=_order_key):
+            of_order = [r for r in runs if r["order"] == order]
+            per_order[order] = {m: mean_std([METRICS[m](r) for r in of_order])[0] for m in ("acc", "bwt", "sar", "normalized_acc")}
+        ranked = [o for o in per_order if per_order[o]["acc"] is not None]
+        worst = min(ranked, key=lambda o: per_order[o]["acc"]) if ranked else None
+        if len(ranked) > 1 and max(per_order[o]["acc"] for o in ranked) - per_order[worst]["acc"] < 1e-12:
+            worst = None  # every order gives the same ACC (e.g. order-invariant merging): no worst order
+        scopes = {r.get("sar_scope") for r in runs if final_sar(r) is not None}
+        row = Row(benchmark=benchmark, model=model, strategy=strategy, variant=variant, protocol=protocol, T=T,
+                  runs=sorted(runs, key=lambda r: (_order_key(r["order"]), r["seed"])), stats=stats,
+                  per_order=per_order, worst_order=worst,
+                  sar_scope=scopes.pop() if len(scopes) == 1 else ("mixed" if scopes else None))
+        if reference is not None and not variant and all(r.get("registered_strategy", True) for r in runs):
+            row.reference = match_reference(reference, model, strategy, T)
+        rows.append(row)
+    rows.sort(key=lambda r: (r.benchmark, str(r.model), r.T, r.stats["acc"][0] is None, -(r.stats["acc"][0] or 0.0),
+                             r.name, r.protocol))
+    return rows
+
+
+# ---- the paper's Table 1 ----------------------------------------------------------------------------
+def load_reference(path: Path = REFERENCE_TABLE) -> List[Dict[str, Any]]:
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    except OSError:
+        raise UserError(f"reference table {path} is missing; pass --reference PATH to its CSV") from None
+    out = []
+    for rec in csv.DictReader(lines):
+        try:
+            out.append({"backbone": rec["backbone"], "tasks": int(rec["tasks"]), "method": rec["method"],
+                        **{k: (float(rec[k]) if rec.get(k) not in (None, "") else None)
+                           for k in ("acc_mean", "acc_std", "bwt_mean", "bwt_std")}})
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"reference table {path} has a malformed row ({exc}); restore it from git") from None
+    return out
+
+
+def backbone_of(model: Optional[str]) -> Optional[str]:
+    """'open_clip:ViT-B-32/openai' -> 'ViT-B/32'; HF 'clip-vit-base-patch32' -> 'ViT-B/32'."""
+    if not model:
+        return None
+    m = re.search(r"ViT-([BLHg])-(\d+)", model, re.IGNORECASE)
+    if m:
+        return f"ViT-{m.group(1).upper()}/{m.group(2)}"
+    m = re.search(r"vit-(base|large|huge)-patch(\d+)", model, re.IGNORECASE)
+    if m:
+        return f"ViT-{m.group(1)[0].upper()}/{m.group(2)}"
+    return None
+
+
+def match_reference(reference: List[Dict[str, Any]], model: Optional[str], strategy: str, T: int) -> Optional[Dict[str, Any]]:
+    backbone = backbone_of(model)
+    method = REFERENCE_ALIASES.get(strategy.lower(), strategy.lower())
+    for rec in reference:
+        if rec["backbone"] == backbone and rec["tasks"] == T and rec["method"] == method:
+            return rec
+    return None
+
+
+def reference_notes(rows: Sequence[Row], reference: List[Dict[str, Any]]) -> List[str]:
+    """Per (backbone, T): the paper's pre-trained / fine-tuned rows beside our zero-shot / expert means."""
+    notes, done = [], set()
+    for row in rows:
+        backbone = backbone_of(row.model)
+        key = (backbone, row.T)
+        if backbone is None or key in done:
+            continue
+        done.add(key)
+        pre = match_reference(reference, row.model, "pretrained", row.T)
+        ft = match_reference(reference, row.model, "finetuned", row.T)
+        same = [r for r in rows if backbone_of(r.model) == backbone and r.T == row.T]
+        zs = mean_std([r.stats["zero_shot"][0] for r in same])[0]
+        ex = mean_std([r.stats["expert"][0] for r in same])[0]
+        if pre or ft:
+            notes.append(f"{backbone}, T={row.T}: paper pre-trained {_ref(pre, 'acc')} / fine-tuned {_ref(ft, 'acc')}; "
+                         f"ours zero-shot {_pct(zs)} / experts {_pct(ex)}")
+    return notes
+
+
+# ---- output -------------------------------------------------------------------------------------------
+def _pct(v: Optional[float]) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _pm(stat: Tuple[Optional[float], Optional[float], int], percent: bool = True) -> str:
+    mean, std, _ = stat
+    if mean is None:
+        return "–"
+    if percent:
+        return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+
+def _ref(rec: Optional[Dict[str, Any]], metric: str) -> str:
+    if not rec or rec.get(f"{metric}_mean") is None:
+        return "–"
+    std = rec.get(f"{metric}_std")
+    return f"{rec[f'{metric}_mean']:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def all_orders(rows: Sequence[Row]) -> List[Any]:
+    return sorted({o for r in rows for o in r.per_order}, key=_order_key)
+
+
+def with_reference(rows: Sequence[Row]) -> bool:
+    return any(r.benchmark in REFERENCE_BENCHMARKS for r in rows)
+
+
+def table_columns(rows: Sequence[Row]) -> List[str]:
+    cols = ["strategy", "protocol", "T", "n", "ACC", "BWT", "SAR", "norm. ACC", "worst order (ACC)"]
+    cols += [f"ACC o{o}" for o in all_orders(rows)]
+    if with_reference(rows):
+        cols += ["paper ACC", "paper BWT"]
+    return cols
+
+
+def table_cells(row: Row, orders: Sequence[Any], reference: bool) -> List[str]:
+    if row.worst_order is not None:
+        worst = f"{row.worst_order} ({_pct(row.per_order[row.worst_order]['acc'])})"
+    else:
+        worst = "all equal" if len(row.per_order) > 1 else "–"
+    cells = [row.name, row.protocol, str(row.T), str(row.n), _pm(row.stats["acc"]), _pm(row.stats["bwt"]),
+             _pm(row.stats["sar"], percent=False), _pm(row.stats["normalized_acc"]), worst]
+    cells += [_pct(row.per_order[o]["acc"]) if o in row.per_order else "" for o in orders]
+    if reference:
+        cells += [_ref(row.reference, "acc"), _ref(row.reference, "bwt")]
+    return cells
+
+
+def title_of(rows: Sequence[Row], title: Optional[str] = None) -> str:
+    benches = sorted({r.benchmark for r in rows})
+    models = sorted({str(r.model) for r in rows if r.model})
+    base = title or f"leaderboard: {', '.join(benches)}"
+    return base + (f" ({', '.join(models)})" if models else "")
+
+
+def rich_table(rows: Sequence[Row], title: Optional[str] = None):
+    from rich.table import Table
+
+    orders, ref = all_orders(rows), with_reference(rows)
+    table = Table(title=f"{title_of(rows, title)} — mean ± sample std over orders; ACC/BWT in %, SAR in [0, 1]")
+    for col in table_columns(rows):
+        table.add_column(col, justify="left" if col in ("strategy", "protocol") else "right")
+    for row in rows:
+        table.add_row(*table_cells(row, orders, ref))
+    return table
+
+
+def footnotes(rows: Sequence[Row]) -> List[str]:
+    scopes = sorted({r.sar_scope for r in rows if r.sar_scope})
+    scope_text = {"seen_tasks": "mean over all tasks seen so far (run.sar_store=true)",
+                  "current_task": "the last task's own update only (run.sar_store=false)",
+                  "mixed": "mixed scopes within a row"}
+    energy = sorted({str(run.get("sar_energy")) for r in rows for run in r.runs if run.get("sar_energy") is not None})
+    notes = ["ACC, BWT (denominator T−1) and normalized ACC in %; mean ± sample standard deviation (n − 1) over "
+             "the n runs of a row (task orders × seeds); per-order columns average over seeds.",
+             "worst order: the order with the lowest ACC (\"all equal\" when every order gives the same ACC)."]
+    if scopes:
+        notes.append(f"SAR: subspace alignment ratio after the final step, per 2-D layer of the merged model at "
+                     f"{'/'.join(energy) or '0.95'} retained energy, averaged over layers then tasks; "
+                     + "; ".join(f"{s}: {scope_text.get(s, s)}" for s in scopes) + ".")
+    else:
+        notes.append("SAR: not recorded.")
+    if with_reference(rows):
+        notes.append("paper: SAIM paper Table 1 (mean ± std over its five task orders), same backbone and T.")
+    return notes
+
+
+def markdown(rows: Sequence[Row], title: Optional[str] = None,
+             reference: Optional[List[Dict[str, Any]]] = None) -> str:
+    orders, ref = all_orders(rows), with_reference(rows)
+    cols = table_columns(rows)
+    lines = [f"# {title_of(rows, title)}", "",
+             "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" if c in ("strategy", "protocol") else "---:" for c in cols) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(table_cells(row, orders, ref)) + " |")
+    lines.append("")
+    lines += [f"- {n}" for n in footnotes(rows)]
+    if ref and reference:
+        lines += [f"- {n}" for n in reference_notes(rows, reference)]
+    lines += ["", "## Per-order values", "",
+              "| strategy | protocol | T | order | seeds | ACC | BWT | SAR | norm. ACC |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        for order, vals in row.per_order.items():
+            seeds = len([r for r in row.runs if r["order"] == order])
+            sar = "–" if vals["sar"] is None else f"{vals['sar']:.3f}"
+            lines.append(f"| {row.name} | {row.protocol} | {row.T} | {order} | {seeds} | {_pct(vals['acc'])} | "
+                         f"{_pct(vals['bwt'])} | {sar} | {_pct(vals['normalized_acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: Sequence[Row]) -> str:
+    """One line per row; metrics as fractions in [0, 1] like the results JSON (paper columns too)."""
+    orders = all_orders(rows)
+    fields = ["benchmark", "model", "strategy", "variant", "protocol", "T", "n", "orders", "sar_scope"]
+    for m in ("acc", "bwt", "sar", "normalized_acc"):
+        fields += [f"{m}_mean", f"{m}_std"]
+    fields += ["worst_order", "worst_order_acc"]
+    for m in ("acc", "bwt", "sar", "normalized_acc"):
+        fields += [f"{m}_order_{o}" for o in orders]
+    fields += ["paper_acc_mean", "paper_acc_std", "paper_bwt_mean", "paper_bwt_std"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        rec: Dict[str, Any] = {"benchmark": row.benchmark, "model": row.model, "strategy": row.strategy,
+                               "variant": row.variant, "protocol": row.protocol, "T": row.T, "n": row.n,
+                               "orders": " ".join(map(str, row.per_order)), "sar_scope": row.sar_scope,
+                               "worst_order": row.worst_order,
+                               "worst_order_acc": row.per_order[row.worst_order]["acc"] if row.worst_order is not None else None}
+        for m in ("acc", "bwt", "sar", "normalized_acc"):
+            rec[f"{m}_mean"], rec[f"{m}_std"], _ = row.stats[m]
+            for o in orders:
+                rec[f"{m}_order_{o}"] = row.per_order.get(o, {}).get(m)
+        if row.reference:
+            for k in ("acc_mean", "acc_std", "bwt_mean", "bwt_std"):
+                v = row.reference.get(k)
+                rec[f"paper_{k}"] = None if v is None else v / 100.0
+        writer.writerow({k: ("" if v is None else round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()})
+    return buf.getvalue()

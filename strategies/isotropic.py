@@ -1,0 +1,190 @@
+"""Adaptive isotropic merging (SAIM paper, Eq. 10–12 and Algorithm 2).
+
+Per step t, with θ0 = ``base``, Δ_cum = previous − θ0 and Δ_T = expert − start:
+
+    Δ_com    = (1 + λ) Δ_cum + (1 − λ) Δ_T                              (Eq. 10)
+    2-D:      U Σ Vᵀ = SVD(Δ_com),  σ̄ = mean(Σ),  Σ̂ = σ̄ + (Σ − σ̄)/√t     (Eq. 11)
+              Δ_merged = U Σ̂ Vᵀ
+    non-2-D:  Δ_merged = Δ_com   (biases, norms, class embedding; conv1 (4-D) too, see
+              ``cl_merge.params.is_matrix``)
+    deployed = θ0 + α Δ_merged                                           (Eq. 12)
+
+Defaults λ = 0, α = 1.0 (the paper's vision setting). The merger keeps no state: Δ_cum is read off
+``previous`` (so it includes the α of earlier steps, as in Algorithm 2 line 8) and t is ``step``.
+
+How the spectrum is reshaped without a per-matrix SVD. With c = 1/√t, Σ̂ = cΣ + (1 − c)σ̄, so
+U Σ̂ Vᵀ = A · V diag(σ̂/σ) Vᵀ for A = Δ_com (m ≥ n; for m < n the mirror image U diag(σ̂/σ) Uᵀ · A):
+V and σ² come from the eigendecomposition of the small Gram matrix AᵀA (n × n), and the result is one
+matmul with the n × n operator V diag(σ̂/σ) Vᵀ. The Gram matrix squares the condition number κ, so
+its precision is chosen per matrix:
+
+* float32 (Gram, eigh, product) when ε32·κ² ≤ ``FAST_PATH_BOUND`` = 1e-5 — the relative error it can
+  leave on the smallest singular value. Random and other well-conditioned rectangular matrices (the
+  attention and MLP weights of a ViT tower: κ ≈ 3–4) take this route. A Cholesky factorisation with
+  a few inverse/power iterations estimates κ first, and the eigenvalues confirm it;
+* float64 Gram and eigh otherwise (square or ill-conditioned matrices, e.g. real fine-tuning
+  updates with a decaying spectrum), with the final product in float32: the float32 input itself
+  limits any method, a float32 SVD included, to an error of order ε32·κ, and the float32 product
+  stays within that.
+
+So the result is as exact as a plain float32 SVD (measured: same error order against a float64 SVD,
+also on κ = 1e4 matrices) and cheaper, mostly on the well-conditioned matrices; eigh runs one matrix
+at a time (torch's batched CPU eigh oversubscribes threads badly on a loaded machine).
+Timings and errors: ``benchmarks/perf/isotropic_merge.py``.
+
+Null directions. Singular directions with σ_i ≤ 10·ε(dtype)·σ_max carry no signal: their singular
+vectors are arbitrary (any orthonormal completion is a valid SVD), so Eq. 11 would add σ̂_i = (1 − c)σ̄
+along an arbitrary direction. We drop them (the merged update stays inside the row and column spaces
+of Δ_com), while σ̄ still averages over all r = min(m, n) singular values as Eq. 11 writes. On
+full-rank matrices this is exactly U Σ̂ Vᵀ. At t = 1, Σ̂ = Σ and Δ_merged = Δ_com without any
+decomposition.
+
+Choosing α on validation data (``alpha_grid``, off by default): the paper picks α by "validation set
+search". The merger interface has no data access, so the search runs only when a scorer has been
+bound with ``bind_validation(score)``, ``score(state) -> float`` evaluating the current task's
+validation split; the protocol loop does not bind one yet (see the note in ``bind_validation``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from cl_merge.errors import UserError
+from cl_merge.merger import Merger
+from cl_merge.params import StateDict, is_matrix
+from cl_merge.registry import register_merger
+
+Scorer = Callable[[StateDict], float]
+
+
+def null_tolerance(dtype: torch.dtype) -> float:
+    """Relative singular-value level below which a direction is treated as null (see module doc)."""
+    return 10.0 * torch.finfo(dtype).eps
+
+
+#: the float32 route is taken when ε32 · λ_max/λ_min of the Gram matrix (= ε32·κ², the relative error
+#: float32 can leave on the smallest singular value) is at most this; otherwise the float64 route runs
+FAST_PATH_BOUND = 1e-5
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def spectrum_factors(sigma: torch.Tensor, t: int, rank: int, rtol: float) -> torch.Tensor:
+    """σ̂/σ for Eq. 11 given the min(m, n) singular values ``sigma`` (σ̄ averages all of them);
+    0 on null directions."""
+    c = 1.0 / math.sqrt(t)
+    mean = sigma.sum() / rank
+    keep = sigma > rtol * sigma.max()
+    return torch.where(keep, c + (1.0 - c) * mean / torch.where(keep, sigma, 1.0), 0.0)
+
+
+def _float32_may_do(gram: torch.Tensor) -> bool:
+    """Cheap pre-check (Cholesky + a few inverse/power iterations, O(n²) after the factorisation)
+    that spares the float32 eigendecomposition on Gram matrices that are clearly too ill-conditioned.
+    Its κ² estimate is a lower bound, so the decisive test is still the one on the eigenvalues."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return False
+    n = gram.shape[-1]
+    x = torch.linspace(1.0, 2.0, n, dtype=gram.dtype, device=gram.device).unsqueeze(-1)  # any fixed, generic start
+    y = x.clone()
+    for _ in range(6):
+        x = torch.cholesky_solve(x, chol)
+        x = x / x.norm()
+        y = gram @ y
+        y = y / y.norm()
+    lam_min = float(x.T @ gram @ x)
+    lam_max = float(y.T @ gram @ y)
+    return lam_min > 0.0 and _EPS32 * lam_max / lam_min <= FAST_PATH_BOUND
+
+
+def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) -> torch.Tensor:
+    """Eq. 11 on one matrix: U (σ̄ + (Σ − σ̄)/√t) Vᵀ, via the Gram matrix (module doc)."""
+    if t == 1:
+        return mat.clone()  # Σ̂ = Σ
+    dtype = mat.dtype
+    rtol = null_tolerance(dtype) if rtol is None else rtol
+    wide = mat.shape[0] < mat.shape[1]
+    a = mat.T if wide else mat  # work with the smaller Gram matrix (A Aᵀ when wide)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    a = a.to(work)
+    lam = vec = None
+    if work == torch.float32:
+        gram = a.T @ a
+        if _float32_may_do(gram):
+            lam, vec = torch.linalg.eigh(gram)
+            if not (lam[0] > 0 and _EPS32 * float(lam[-1] / lam[0]) <= FAST_PATH_BOUND):
+                lam = vec = None
+    if lam is None:
+        a64 = a.double()
+        lam, vec = torch.linalg.eigh(a64.T @ a64)
+    sigma = lam.double().clamp_min(0.0).sqrt()
+    phi = spectrum_factors(sigma, t, sigma.numel(), rtol).to(vec.dtype)
+    operator = (vec * phi) @ vec.T  # V diag(σ̂/σ) Vᵀ
+    out = a @ operator.to(work)
+    return (out.T if wide else out).to(dtype)
+
+
+def isotropic_update(delta: StateDict, t: int, rtol: Optional[float] = None) -> StateDict:
+    """Δ_merged from Δ_com: Eq. 11 on every 2-D tensor; the others are returned as they are."""
+    return {k: isotropic_matrix(v, t, rtol) if is_matrix(v) else v for k, v in delta.items()}
+
+
+@register_merger
+@dataclasses.dataclass
+class IsotropicMerger(Merger):
+    """SAIM's adaptive isotropic merge (Eq. 10–12). ``lam`` = λ, ``alpha`` = α.
+
+    ``alpha_grid`` (e.g. ``0.6,0.8,1.0,1.2``): when non-empty, α is the grid value whose deployed
+    model scores best on the current task's validation data (needs ``bind_validation``)."""
+
+    name = "isotropic"
+    description = "adaptive isotropic merge (SAIM): SVD per matrix, spectrum σ̄ + (Σ − σ̄)/√t, θ0 + αΔ"
+    lam: float = 0.0
+    alpha: float = 1.0
+    alpha_grid: Tuple[float, ...] = ()
+
+    def __post_init__(self):
+        self._scorer: Optional[Scorer] = None
+        self.chosen_alpha: Optional[float] = None
+
+    def bind_validation(self, score: Optional[Scorer]) -> None:
+        """Attach ``score(state) -> float`` on the current task's validation split (or detach).
+
+        Core hook this needs (not yet in the protocol loop): in ``cl_merge.protocol.run_protocol``,
+        just before ``merger.merge(...)``, call ``merger.bind_validation(fn)`` when the merger has that
+        method, with ``fn(state)`` = ``adapter.set_state(state); return adapter.evaluate(task, "val")``
+        for the task being merged (then set the deployed state as it does today)."""
+        self._scorer = score
+
+    def merge(self, base, previous, expert, start, step):
+        delta = isotropic_update(self.combined_update(base, previous, expert, start), step)
+        alpha = self._select_alpha(base, delta) if self.alpha_grid else self.alpha
+        self.chosen_alpha = alpha
+        return {k: torch.add(base[k], delta[k], alpha=alpha) for k in base}
+
+    def combined_update(self, base, previous, expert, start) -> StateDict:
+        """Δ_com = (1 + λ) Δ_cum + (1 − λ) Δ_T (Eq. 10), fresh tensors."""
+        out = {}
+        for k in base:
+            cum = torch.sub(previous[k], base[k])
+            task = torch.sub(expert[k], start[k])
+            if self.lam == 0.0:
+                out[k] = cum.add_(task)
+            else:
+                out[k] = cum.mul_(1.0 + self.lam).add_(task, alpha=1.0 - self.lam)
+        return out
+
+    def _select_alpha(self, base: StateDict, delta: StateDict) -> float:
+        if self._scorer is None:
+            raise UserError("merger.alpha_grid needs validation data, but nothing bound a validation "
+                            "scorer (bind_validation); leave alpha_grid empty and set merger.alpha")
+        best, best_score = None, -math.inf
+        for a in self.alpha_grid:  # ties keep the earlier grid value
+            score = float(self._scorer({k: torch.add(base[k], delta[k], alpha=a) for k in base}))
+            if score > best_score:
+                best, best_score = a, score
+        return best

@@ -1,0 +1,93 @@
+"""EWC and ER (through Avalanche) end to end on the mini suite, under the shared protocol."""
+
+import json
+
+import pytest
+import torch
+
+from cl_merge.config import resolve
+from cl_merge.registry import MERGERS
+from cl_merge.results import strip_volatile
+from cl_merge.runner import execute
+
+# Smallest setting in which both methods' effect on forgetting is clear on the mini suite (the
+# strategies' own defaults; only the suite is shrunk): see benchmarks/perf/ewc_er_mini.py.
+FORGETTING = ["benchmark.num_tasks=3", "benchmark.n_train=256", "benchmark.n_val=32", "benchmark.n_test=128",
+              "learner.steps=40"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # ~100x faster than two intra-op threads on a shared 2-core CPU (spin-waiting workers);
+    # results do not depend on it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(out, strategy=None, overrides=(), resume=False, **kw):
+    cfg = resolve("mini", strategy=strategy, overrides=list(overrides), **kw)
+    return execute(cfg, out_dir=out, resume=resume, progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def forgetting_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("forgetting")
+    return {s: run(out / s, s, FORGETTING) for s in ("c-ft", "ewc", "er")}, out
+
+
+def test_ewc_and_er_forget_less_than_continual_fine_tuning(forgetting_runs):
+    runs, _ = forgetting_runs
+    cft, ewc, er = runs["c-ft"], runs["ewc"], runs["er"]
+    assert cft["acc_matrix"][0] == ewc["acc_matrix"][0] == er["acc_matrix"][0]  # same θ0 and tasks
+    assert cft["bwt"] < -0.05, cft["bwt"]  # there is forgetting to reduce
+    assert ewc["bwt"] > cft["bwt"] + 0.02, (ewc["bwt"], cft["bwt"])
+    assert er["bwt"] > cft["bwt"] + 0.02, (er["bwt"], cft["bwt"])
+    # the settings that make them comparable are in the results
+    shared = ("steps", "batch_size", "lr", "weight_decay", "schedule", "warmup_steps")
+    for result in (ewc, er):
+        assert [result["hyperparameters"][f"learner.{k}"] for k in shared] == \
+            [cft["hyperparameters"][f"learner.{k}"] for k in shared]
+    assert ewc["hyperparameters"]["learner.ewc_lambda"] > 0 and ewc["hyperparameters"]["learner.mode"] == "separate"
+    assert er["hyperparameters"]["learner.mem_size"] == 200 and er["hyperparameters"]["learner.mu"] == 0.5
+
+
+class Killed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "er"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(forgetting_runs, monkeypatch, strategy):
+    """The learner's state (EWC's importances and anchors, ER's buffer) goes through the step
+    checkpoint; a run killed after step 1 and resumed ends where an uninterrupted run does (which
+    also shows: same seed, same results)."""
+    runs, out = forgetting_runs
+    merger_cls = MERGERS.get("identity")
+    original = merger_cls.merge
+
+    def dies_at_step_2(self, base, previous, expert, start, step):
+        if step == 2:
+            raise Killed()
+        return original(self, base, previous, expert, start, step)
+
+    monkeypatch.setattr(merger_cls, "merge", dies_at_step_2)
+    killed = out / f"killed-{strategy}"
+    with pytest.raises(Killed):
+        run(killed, strategy, FORGETTING)
+    ckpts = list(killed.glob("*.ckpt"))
+    assert len(ckpts) == 1 and json.loads((ckpts[0] / "state.json").read_text())["step"] == 1
+    monkeypatch.setattr(merger_cls, "merge", original)
+    resumed = run(killed, strategy, FORGETTING, resume=True)
+    assert strip_volatile(resumed) == strip_volatile(runs[strategy])
+
+
+def test_ewc_composes_with_a_merger_without_special_cases(tmp_path, fast_overrides):
+    result = run(tmp_path, learner="ewc", merger="task_arithmetic", protocol="sequential",
+                 overrides=fast_overrides)
+    assert (result["learner"], result["merger"], result["protocol"]) == ("ewc", "task_arithmetic", "sequential")
+    T = len(result["tasks"])
+    assert len(result["acc_matrix"]) == T + 1 and all(v is not None for v in result["acc_matrix"][T])
+    assert result["hyperparameters"]["merger.alpha"] == 0.3
+    # with α < 1 the deployed model is not the expert: the merger did act on EWC's experts
+    assert any(abs(result["acc_matrix"][t][t - 1] - result["expert_acc"][t - 1]) > 0 for t in range(1, T + 1))

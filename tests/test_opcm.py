@@ -1,0 +1,182 @@
+"""OPCM against a float64 numpy oracle that uses the full SVD (full_matrices=True) of M_{t−1}, zeroes P's
+diagonal and top-left r×r block literally, and recomputes the norm mean from the list of all task
+vectors at every step."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cl_merge  # noqa: F401  (torchvision shim before open_clip)
+from cl_merge.params import nbytes
+from cl_merge.registry import MERGERS
+
+SHAPES = (("tall", (7, 4)), ("wide", (3, 8)), ("square", (5, 5)), ("b", (6,)), ("conv", (3, 2, 2, 2)))
+
+
+def random_state(seed, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in shapes}
+
+
+def np_state(state):
+    return {k: v.double().numpy() for k, v in state.items()}
+
+
+def oracle_projection(m, tau, alpha):
+    u, s, vt = np.linalg.svd(m, full_matrices=True)
+    cum = np.cumsum(s) / s.sum()
+    r = int(np.nonzero(cum > alpha)[0][0])
+    p = u.T @ tau @ vt.T
+    np.fill_diagonal(p, 0.0)
+    p[:r, :r] = 0.0
+    return u @ p @ vt, r
+
+
+def oracle(base, experts, starts, alpha=0.5):
+    """Returns the deployed models (numpy) and the rank splits used at each step."""
+    base = np_state(base)
+    taus, deployed, lam, splits = [], [], 1.0, []
+    for t, (e, s) in enumerate(zip(experts, starts), start=1):
+        e, s = np_state(e), np_state(s)
+        taus.append({k: e[k] - s[k] for k in base})
+        if t == 1:
+            deployed.append(e)
+            continue
+        prev = {k: deployed[-1][k] - base[k] for k in base}
+        merged = {}
+        for k in base:
+            if prev[k].ndim == 2:
+                tilde, r = oracle_projection(prev[k], taus[-1][k], alpha)
+                splits.append(r)
+            else:
+                tilde = taus[-1][k]
+            merged[k] = lam * prev[k] + tilde
+        norm = lambda d: np.sqrt(sum((v ** 2).sum() for v in d.values()))  # noqa: E731
+        lam = norm(merged) / np.mean([norm(x) for x in taus])
+        deployed.append({k: base[k] + merged[k] / lam for k in base})
+    return deployed, splits
+
+
+def run(merger, base, experts, starts):
+    merger.reset(base)
+    deployed = {k: v.clone() for k, v in base.items()}
+    out = []
+    for t, (e, s) in enumerate(zip(experts, starts), start=1):
+        deployed = merger.merge(base=base, previous=deployed, expert=e, start=s, step=t)
+        out.append(deployed)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+@pytest.mark.parametrize("sequential_starts", [False, True])
+def test_opcm_equals_the_full_svd_formula(sequential_starts, alpha):
+    base = random_state(0)
+    experts = [random_state(i) for i in range(1, 5)]
+    starts = [random_state(10 + i) for i in range(4)] if sequential_starts else [base] * 4
+    got = run(MERGERS.get("opcm")(alpha=alpha), base, experts, starts)
+    expected, splits = oracle(base, experts, starts, alpha)
+    assert any(r >= 1 for r in splits)  # the r×r block is exercised, not only the diagonal
+    for g, e in zip(got, expected):
+        for k in base:
+            np.testing.assert_allclose(g[k].numpy(), e[k], atol=1e-5, rtol=0)
+
+
+def test_first_step_deploys_the_expert_and_lambda_rescales_to_the_mean_norm():
+    base = random_state(0)
+    experts = [random_state(i) for i in range(1, 4)]
+    merger = MERGERS.get("opcm")()
+    got = run(merger, base, experts, [base] * 3)
+    assert all(torch.equal(got[0][k], experts[0][k]) for k in base)
+    # the deployed task vector's norm is the mean task-vector norm (that is what λ_t normalises to)
+    norms = [np.sqrt(sum(((e[k] - base[k]).double() ** 2).sum().item() for k in base)) for e in experts]
+    deployed_norm = np.sqrt(sum(((got[2][k] - base[k]).double() ** 2).sum().item() for k in base))
+    assert deployed_norm == pytest.approx(np.mean(norms), rel=1e-5)
+    assert float(merger.state_dict()["count"]) == 3
+
+
+# distinct singular values (a degenerate pair has no unique basis, so its diagonal is not defined)
+@pytest.mark.parametrize("spectrum, expected_r", [([4.9, 3.1, 1.2, 0.8], 1),  # cum 0.49, 0.80
+                                                    ([6.0, 2.0, 1.2, 0.8], 0),  # σ_1 alone crosses
+                                                    ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], 2),
+                                                    ([1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5], 3)])
+def test_rank_split_and_projection_on_a_known_spectrum(spectrum, expected_r):
+    from cl_merge.strategies.opcm import project_task_vector, split_rank
+
+    g = torch.Generator().manual_seed(0)
+    k = len(spectrum)
+    u, _ = torch.linalg.qr(torch.randn(9, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    m = (u * torch.tensor(spectrum, dtype=torch.float64)) @ v.T
+    s = torch.linalg.svdvals(m.float())
+    assert split_rank(s, 0.5) == expected_r
+    tau = torch.randn(m.shape, generator=g, dtype=torch.float64)
+    expected, r = oracle_projection(m.numpy(), tau.numpy(), 0.5)
+    assert r == expected_r
+    got = project_task_vector(m.float(), tau.float(), 0.5)
+    np.testing.assert_allclose(got.double().numpy(), expected, atol=1e-5)
+    # the block and the diagonal are gone in M's singular basis
+    p = u.T @ got.double() @ v
+    if r:
+        assert p[:r, :r].abs().max() < 1e-5
+    assert p.diagonal().abs().max() < 1e-5
+
+
+def test_zero_previous_delta_leaves_the_task_vector_unprojected():
+    from cl_merge.strategies.opcm import project_task_vector
+
+    tau = torch.randn(4, 3)
+    assert torch.equal(project_task_vector(torch.zeros(4, 3), tau, 0.5), tau)
+
+
+def test_every_matrix_of_an_open_clip_visual_tower_is_projected(tmp_path):
+    import open_clip
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1}}
+    (tmp_path / "opcm-test-vit.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    visual = open_clip.create_model("opcm-test-vit", pretrained=None).visual
+    base = {k: p.detach().clone() for k, p in visual.named_parameters()}
+    shapes = tuple((k, tuple(v.shape)) for k, v in base.items())
+    e1, e2 = random_state(1, shapes), random_state(2, shapes)
+    e1 = {k: base[k] + 0.1 * v for k, v in e1.items()}
+    e2 = {k: base[k] + 0.1 * v for k, v in e2.items()}
+    merger = MERGERS.get("opcm")()
+    d1 = run(merger, base, [e1], [base])[0]
+    lam1 = float(merger.state_dict()["lambda"])
+    d2 = merger.merge(base=base, previous=d1, expert=e2, start=base, step=2)
+    lam2 = float(merger.state_dict()["lambda"])
+    matrices = set()
+    for k in base:
+        m1 = (d1[k] - base[k]).double()
+        tilde = lam2 * (d2[k] - base[k]).double() - lam1 * m1  # τ̃ recovered from the output
+        tau = (e2[k] - base[k]).double()
+        if base[k].ndim == 2:
+            u, _, vh = torch.linalg.svd(m1, full_matrices=False)
+            assert (u.T @ tilde @ vh.T).diagonal().abs().max() < 1e-4, k
+            assert not torch.allclose(tilde, tau, atol=1e-4), k
+            matrices.add(k.split(".")[-1])
+        else:
+            assert torch.allclose(tilde, tau, atol=1e-5), k  # conv1 (4-D), biases, norms: summed
+    assert {"positional_embedding", "proj", "in_proj_weight", "weight"} <= matrices
+
+
+def test_state_is_three_scalars_and_round_trips():
+    base = random_state(0)
+    m = MERGERS.get("opcm")()
+    m.reset(base)
+    deployed, sizes = base, []
+    for t in range(1, 11):
+        deployed = m.merge(base=base, previous=deployed, expert=random_state(t), start=base, step=t)
+        sizes.append(nbytes([m.state_dict()]))
+    assert sizes[1] == sizes[-1] and set(m.state_dict()) == {"lambda", "norm_sum", "count"}
+    other = MERGERS.get("opcm")()
+    other.reset(base)
+    other.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    a = m.merge(base=base, previous=deployed, expert=random_state(11), start=base, step=11)
+    b = other.merge(base=base, previous=deployed, expert=random_state(11), start=base, step=11)
+    assert all(torch.equal(a[k], b[k]) for k in base)
