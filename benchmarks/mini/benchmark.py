@@ -60,17 +60,7 @@ class MiniBenchmark(Benchmark):
                               eval_batch_size=eval_batch_size)
 
     def build_task(self, name: str) -> Task:
-        spec = {t.name: t for t in TASKS}[name]
-        mean, std = _normalisation()
-        sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
-        splits, digest = {}, hashlib.sha256(name.encode())
-        for split, n in sizes.items():
-            images, labels = make_split(name, split, n, self.data_seed)
-            digest.update(images.tobytes())
-            digest.update(labels.tobytes())
-            splits[split] = TensorDataset(to_tensor(images, mean, std), torch.from_numpy(labels).long())
-        return Task(name=name, classnames=tuple(spec.classnames), templates=tuple(spec.templates),
-                    fingerprint=digest.hexdigest(), **splits)
+        return _build_task(name, self.n_train, self.n_val, self.n_test, self.data_seed)
 
     def build_stream(self, order: Any, seed: int) -> Stream:
         orders = task_orders()
@@ -78,6 +68,23 @@ class MiniBenchmark(Benchmark):
             raise UserError(f"unknown order '{order}' for mini; known: {', '.join(orders)}")
         names = take_prefix(orders[str(order)], self.num_tasks)
         return Stream(benchmark=self.name, tasks=[self.build_task(n) for n in names], order=order, seed=seed)
+
+
+# Drawing a task's images takes seconds; every run of a demo/leaderboard/test process reuses them
+# (tasks are read-only: datasets of fixed tensors).
+@lru_cache(maxsize=64)
+def _build_task(name: str, n_train: int, n_val: int, n_test: int, data_seed: int) -> Task:
+    spec = {t.name: t for t in TASKS}[name]
+    mean, std = _normalisation()
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    splits, digest = {}, hashlib.sha256(name.encode())
+    for split, n in sizes.items():
+        images, labels = make_split(name, split, n, data_seed)
+        digest.update(images.tobytes())
+        digest.update(labels.tobytes())
+        splits[split] = TensorDataset(to_tensor(images, mean, std), torch.from_numpy(labels).long())
+    return Task(name=name, classnames=tuple(spec.classnames), templates=tuple(spec.templates),
+                fingerprint=digest.hexdigest(), **splits)
 
 
 @lru_cache(maxsize=1)
