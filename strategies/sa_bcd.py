@@ -6,7 +6,7 @@ One step, two gradient evaluations (the learner's closure is called twice):
     m  ← β1 m + (1 − β1) g ;  v ← β2 v + (1 − β2) g²                     (Eq. 7, Alg. 1 l. 6, 11)
     Ω  = top-p fraction of |m|                                            (Alg. 1 l. 7)
     ε* = ρ g_Ω / ‖g_Ω‖₂   on Ω only, ‖·‖ over all parameters together      (Eq. 8)
-    g′ = ∇L(Θ + ε*);  Θ restored exactly
+    g′ = ∇L(Θ + ε*);  Θ restored (Θ + ε* − ε*: exact off Ω, within one rounding on Ω)
     Θ_i ← Θ_i − η · step_i  for i ∈ Ω;  Θ_i unchanged for i ∉ Ω            (Eq. 9)
 
 Two readings of the update (``update``):
@@ -21,9 +21,12 @@ Two readings of the update (``update``):
 In both readings the moments of every coordinate are updated each step (Alg. 1 keeps full m, v);
 only Θ is restricted to Ω. m̂, v̂ carry Adam's bias corrections (Alg. 1 l. 13).
 
-Selection (``scope``): ``"tensor"`` (default) takes the top ⌈p·n⌉ entries of each parameter tensor, so every layer keeps adapting; ``"global"`` ranks all coordinates together, which
-lets layers with large gradients (e.g. the last blocks) take the whole budget. Ties at the threshold
-go to the lower index, so exactly ⌈p·n⌉ coordinates are selected.
+Selection (``scope``): ``"tensor"`` (default) takes the top ⌈p·n⌉ entries of each parameter
+tensor, so every layer keeps adapting and the budget does not depend on how gradient scales differ
+between layers; ``"global"`` ranks all coordinates together, which lets layers with large gradients
+(e.g. the last blocks) take most of it. Ties at the threshold go to the lower index, so exactly
+⌈p·n⌉ coordinates are selected. The ε* norm is global in both scopes (Eq. 8 normalises g_Ω as one
+vector).
 
 Weight decay (``decay``): decoupled (AdamW's Θ ← Θ(1 − η·wd)), applied to Ω only by default —
 Alg. 1 leaves every i ∉ Ω unchanged, and decaying all coordinates would move every parameter at
@@ -61,30 +64,50 @@ def selection_size(p: float, n: int) -> int:
     return min(n, max(1, math.ceil(p * n - 1e-9)))
 
 
-def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 mask (in ``score``'s dtype) of the k entries of largest |score|; ties at the threshold go
-    to the lower index. On CPU, numpy's introselect (``np.partition``) does the work: ~10× faster
-    than ``torch.kthvalue``/``topk`` here, and the whole mask costs ~4 passes over the tensor."""
+def top_mask_into(score: torch.Tensor, k: int, out: torch.Tensor,
+                  work: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Write into ``out`` the 0/1 mask of the k entries of largest |score| (ties at the threshold go
+    to the lower index) and return it.
+
+    On CPU, numpy's introselect (``np.partition``) finds the threshold: ~10× faster than
+    ``torch.kthvalue``/``topk`` here. ``work`` (float, ≥ 2·numel) is reused across calls: fresh
+    multi-MB buffers each step cost page faults that dominate on large models."""
     n = score.numel()
     if k >= n:
-        return torch.ones_like(score)
-    if score.device.type == "cpu" and score.dtype in (torch.float32, torch.float64):
-        a = np.abs(score.detach().reshape(-1).numpy())
-        threshold = np.partition(a, n - k)[n - k]
-        keep = a >= threshold
-        extra = int(np.count_nonzero(keep)) - k
-        if extra > 0:  # ties at the threshold: drop the highest-index ones
+        return out.fill_(1.0)
+    if score.device.type == "cpu" and score.dtype in (torch.float32, torch.float64) and out.is_contiguous():
+        x = score.detach().reshape(-1).numpy()
+        if work is None or work.dtype != x.dtype or work.size < 2 * n:
+            work = np.empty(2 * n, dtype=x.dtype)
+        a, part = work[:n], work[n:2 * n]
+        np.abs(x, out=a)
+        np.copyto(part, a)
+        part.partition(n - k)
+        threshold = part[n - k]
+        keep = out.view(-1).numpy()
+        np.greater_equal(a, threshold, out=keep, casting="unsafe")
+        # more than k selected only if an entry below the k-th position equals the threshold
+        if part[:n - k].max() == threshold:  # ties at the threshold: drop the highest-index ones
+            extra = int(np.count_nonzero(keep)) - k
             ties = np.flatnonzero(a == threshold)
-            keep[ties[ties.size - extra:]] = False
-        return torch.from_numpy(keep.astype(a.dtype)).view_as(score)
+            keep[ties[ties.size - extra:]] = 0.0
+        return out
     a = score.detach().abs().reshape(-1).float()
     keep = torch.zeros(n, dtype=torch.bool, device=score.device)
     keep[torch.topk(a, k, sorted=False).indices] = True  # tie order unspecified off CPU
-    return keep.to(score.dtype).view_as(score)
+    return out.copy_(keep.view_as(out))
+
+
+def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask (``score``'s dtype) of the k entries of largest |score|; see ``top_mask_into``."""
+    return top_mask_into(score, k, torch.empty_like(score, memory_format=torch.contiguous_format))
 
 
 class SABCD(torch.optim.Optimizer):
-    """Algorithm 1 of the SAIM paper as a ``torch.optim.Optimizer``; ``step`` needs the closure."""
+    """Algorithm 1 of the SAIM paper as a ``torch.optim.Optimizer``; ``step`` needs the closure.
+
+    Per parameter it keeps m, v, a work buffer and the 0/1 mask of Ω; every step runs in place on
+    them (large fresh tensors each step cost more in page faults than the arithmetic)."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  rho: float = 0.05, p: float = 0.3, update: Update = "sam_adam", scope: Scope = "tensor",
@@ -99,15 +122,30 @@ class SABCD(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rho, self.p, self.update, self.scope, self.decay = rho, p, update, scope, decay
+        self._work: Optional[np.ndarray] = None  # numpy scratch for the selection
+        self._flat: Optional[torch.Tensor] = None  # global scope: all scores, then all masks
 
     # ---- selection ----------------------------------------------------------------------------
-    def _select(self, scores: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Ω as 0/1 masks, one per tensor, from the top-p fraction of |score|."""
+    def _select(self, scores: List[torch.Tensor], masks: List[torch.Tensor]) -> None:
+        """Ω into ``masks`` (0/1, one per tensor): the top-p fraction of |score|."""
         if self.scope == "tensor":
-            return [top_mask(s, selection_size(self.p, s.numel())) for s in scores]
-        flat = torch.cat([s.reshape(-1) for s in scores])
-        mask = top_mask(flat, selection_size(self.p, flat.numel()))
-        return [m.view_as(s) for m, s in zip(mask.split([s.numel() for s in scores]), scores)]
+            for s, m in zip(scores, masks):
+                if self._work is None or self._work.size < 2 * s.numel():
+                    self._work = np.empty(2 * max(x.numel() for x in scores), dtype=np.float32)
+                top_mask_into(s, selection_size(self.p, s.numel()), m,
+                              self._work if s.dtype == torch.float32 else None)
+            return
+        sizes = [s.numel() for s in scores]
+        if self._flat is None or self._flat.numel() != 2 * sum(sizes):
+            self._flat = torch.empty(2 * sum(sizes), dtype=scores[0].dtype, device=scores[0].device)
+            self._work = None
+        flat, flat_mask = self._flat[:sum(sizes)], self._flat[sum(sizes):]
+        torch.cat([s.reshape(-1) for s in scores], out=flat)
+        if self._work is None and flat.dtype == torch.float32 and flat.device.type == "cpu":
+            self._work = np.empty(2 * flat.numel(), dtype=np.float32)
+        top_mask_into(flat, selection_size(self.p, flat.numel()), flat_mask, self._work)
+        for m, part in zip(masks, flat_mask.split(sizes)):
+            m.copy_(part.view_as(m))
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,22 +174,27 @@ class SABCD(torch.optim.Optimizer):
                 torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
                 scores += m
             else:  # provisional m̃ = β1 m + (1 − β1) g selects; m, v are fed with g′ below
-                scores += torch._foreach_lerp(m, grads, 1.0 - b1)
-        masks = self._select(scores)  # 1 on Ω, 0 elsewhere
+                for mi, g, st in zip(m, grads, states):
+                    scores.append(torch.lerp(mi, g, 1.0 - b1, out=st["work"]))
+        all_params = [p for _, params, _ in groups for p in params]
+        masks = [st["mask"] for _, _, states in groups for st in states]
+        self._select(scores, masks)  # 1 on Ω, 0 elsewhere
         del scores
 
-        # ε* = ρ g_Ω / ‖g_Ω‖₂ over all parameters (Eq. 8); Θ is saved and restored exactly
-        all_params = [p for _, params, _ in groups for p in params]
-        backups = [st["backup"] for _, _, states in groups for st in states]
-        g_sel = torch._foreach_mul([p.grad for p in all_params], masks)
+        # ε* = ρ g_Ω / ‖g_Ω‖₂ over all parameters (Eq. 8). g is not needed afterwards, so g_Ω is
+        # formed in place; Θ is restored by subtracting ε* again: exact off Ω (ε* = 0 there), within
+        # one rounding on Ω, whose coordinates the update then moves anyway.
+        g_sel = [p.grad for p in all_params]
+        torch._foreach_mul_(g_sel, masks)
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_sel))))
-        torch._foreach_copy_(backups, all_params)
-        if norm > 0.0 and self.rho > 0.0:
-            torch._foreach_add_(all_params, g_sel, alpha=self.rho / norm)
-        del g_sel
+        scale = self.rho / norm if norm > 0.0 else 0.0
+        if scale:
+            torch._foreach_add_(all_params, g_sel, alpha=scale)
         with torch.enable_grad():
             closure()  # g′ = ∇L(Θ + ε*)
-        torch._foreach_copy_(all_params, backups)
+        if scale:
+            torch._foreach_add_(all_params, g_sel, alpha=-scale)
+        del g_sel
 
         offset = 0
         for group, params, states in groups:
@@ -162,31 +205,36 @@ class SABCD(torch.optim.Optimizer):
             g2 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             m = [st["exp_avg"] for st in states]
             v = [st["exp_avg_sq"] for st in states]
-            t = states[0]["step"] = states[0]["step"] + 1
-            for st in states[1:]:
+            denom = [st["work"] for st in states]
+            t = states[0]["step"] + 1
+            for st in states:
                 st["step"] = t
             bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+            # per-tensor ops with out= where foreach would allocate: one pass each, no new buffers
             if self.update == "literal":  # Eq. 9: m̂/√(v̂ + ε) ⊙ g′
-                denom = torch._foreach_mul(v, 1.0 / bc2)
+                for vi, d in zip(v, denom):
+                    torch.mul(vi, 1.0 / bc2, out=d)
                 torch._foreach_add_(denom, eps)
                 torch._foreach_sqrt_(denom)
-                direction = torch._foreach_mul(m, g2)
+                torch._foreach_mul_(g2, m)  # g′ is not needed afterwards: m ⊙ g′ in its place
+                torch._foreach_div_(g2, denom)
             else:  # Adam with moments of g′: m̂/(√v̂ + ε)
                 torch._foreach_lerp_(m, g2, 1.0 - b1)
                 torch._foreach_mul_(v, b2)
                 torch._foreach_addcmul_(v, g2, g2, value=1.0 - b2)
-                denom = torch._foreach_sqrt(v)
-                torch._foreach_div_(denom, math.sqrt(bc2))
+                for vi, d in zip(v, denom):
+                    torch.sqrt(vi, out=d)
+                torch._foreach_mul_(denom, 1.0 / math.sqrt(bc2))
                 torch._foreach_add_(denom, eps)
-                direction = list(m)
-            direction = torch._foreach_div(direction, denom)
-            del denom
+                for mi, d, g in zip(m, denom, g2):
+                    torch.div(mi, d, out=g)  # g′ is not needed afterwards
+            direction = g2
             if wd != 0.0:  # decoupled decay: on Ω only (p ← p − η·wd·1_Ω·p), unless decay="all"
                 if self.decay == "all":
                     torch._foreach_mul_(params, 1.0 - lr * wd)
                 else:
                     torch._foreach_addcmul_(params, mask, params, value=-lr * wd)
-            torch._foreach_addcmul_(params, mask, direction, value=-lr / bc1)  # Θ_Ω ← Θ_Ω − η·m̂…
+            torch._foreach_addcmul_(params, mask, direction, value=-lr / bc1)  # Θ_Ω ← Θ_Ω − η·(…)_Ω
         return loss
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -195,7 +243,8 @@ class SABCD(torch.optim.Optimizer):
             st["step"] = 0
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            st["work"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            st["mask"] = torch.empty_like(p, memory_format=torch.contiguous_format)
         return st
 
 

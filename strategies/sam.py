@@ -61,29 +61,36 @@ class SharpnessAware(torch.optim.Optimizer):
             raise RuntimeError("SAM/ASAM evaluate the gradient twice per step: pass the closure")
         with torch.enable_grad():
             loss = closure()  # g = ∇L(θ)
-        params, scales = [], []
+        params, scaled = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 params.append(p)
-                adaptive = group["adaptive"] and id(p) not in self._unscaled
-                scales.append(p.abs().add_(group["eta"]) if adaptive else None)
+                st = self.state[p]
+                if "backup" not in st:  # persistent buffers: fresh large tensors each step cost page faults
+                    st["backup"] = torch.empty_like(p)
+                if group["adaptive"] and id(p) not in self._unscaled:
+                    if "scale" not in st:
+                        st["scale"] = torch.empty_like(p)
+                    scaled.append((p, torch.abs(p, out=st["scale"]).add_(group["eta"])))  # T = |θ| + η
         if not params:
             return loss
+        # g is not needed once ε is known, so T g and then T² g are formed in place in p.grad
+        for p, t in scaled:
+            p.grad.mul_(t)
         grads = [p.grad for p in params]
-        scaled = [g if s is None else g * s for g, s in zip(grads, scales)]  # T g
-        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled))))
-        backup = [p.detach().clone() for p in params]
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))  # ‖T g‖
+        for p, t in scaled:
+            p.grad.mul_(t)
+        backups = [self.state[p]["backup"] for p in params]
+        torch._foreach_copy_(backups, params)
         if norm > 0.0:
-            rho = self.param_groups[0]["rho"]
-            eps = [tg if s is None else tg * s for tg, s in zip(scaled, scales)]  # T² g
-            torch._foreach_add_(params, eps, alpha=rho / norm)
-            del eps
-        del scaled, scales
+            torch._foreach_add_(params, grads, alpha=self.param_groups[0]["rho"] / norm)  # θ + ε
+        del grads, scaled
         with torch.enable_grad():
             closure()  # g′ = ∇L(θ + ε)
-        torch._foreach_copy_(params, backup)
+        torch._foreach_copy_(params, backups)  # θ restored exactly
         self.base_optimizer.step()
         return loss
 
