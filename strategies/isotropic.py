@@ -22,14 +22,14 @@ its precision is chosen per matrix:
   leave on the smallest singular value. Random and other well-conditioned rectangular matrices (the
   attention and MLP weights of a ViT tower: κ ≈ 3–4) take this route. A Cholesky factorisation with
   a few inverse/power iterations estimates κ first, and the eigenvalues confirm it;
-* float64 Gram and eigh otherwise (square or ill-conditioned matrices, e.g. real fine-tuning
-  updates with a decaying spectrum), with the final product in float32: the float32 input itself
-  limits any method, a float32 SVD included, to an error of order ε32·κ, and the float32 product
-  stays within that.
+* float64 throughout otherwise (square or ill-conditioned matrices, e.g. real fine-tuning updates
+  with a decaying spectrum): error ~ε64·κ², below a float32 SVD's for κ up to ~1e4. (A float32
+  final product would not do: the rounded operator has norm ~σ̄/σ_min, so its error grows like
+  ε32·κ in every direction, ~1e-4 on square random matrices.)
 
-So the result is as exact as a plain float32 SVD (measured: same error order against a float64 SVD,
-also on κ = 1e4 matrices) and cheaper, mostly on the well-conditioned matrices; eigh runs one matrix
-at a time (torch's batched CPU eigh oversubscribes threads badly on a loaded machine).
+So the result is at least as exact as a plain float32 SVD (measured against a float64 SVD) and
+cheaper, mostly on the well-conditioned matrices; eigh runs one matrix at a time (torch's batched
+CPU eigh oversubscribes threads badly on a loaded machine).
 Timings and errors: ``benchmarks/perf/isotropic_merge.py``.
 
 Null directions. Singular directions with σ_i ≤ 10·ε(dtype)·σ_max carry no signal: their singular
@@ -118,13 +118,12 @@ def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) ->
             lam, vec = torch.linalg.eigh(gram)
             if not (lam[0] > 0 and _EPS32 * float(lam[-1] / lam[0]) <= FAST_PATH_BOUND):
                 lam = vec = None
-    if lam is None:
-        a64 = a.double()
-        lam, vec = torch.linalg.eigh(a64.T @ a64)
+    if lam is None:  # float64 throughout: Gram, eigh and the product
+        a = a.double()
+        lam, vec = torch.linalg.eigh(a.T @ a)
     sigma = lam.double().clamp_min(0.0).sqrt()
     phi = spectrum_factors(sigma, t, sigma.numel(), rtol).to(vec.dtype)
-    operator = (vec * phi) @ vec.T  # V diag(σ̂/σ) Vᵀ
-    out = a @ operator.to(work)
+    out = a @ ((vec * phi) @ vec.T)  # A · V diag(σ̂/σ) Vᵀ
     return (out.T if wide else out).to(dtype)
 
 

@@ -99,7 +99,7 @@ def test_rank_deficient_update_stays_in_its_row_and_column_spaces():
     assert torch.equal(zero, base["w"])
 
 
-def test_ill_conditioned_matrices_are_as_accurate_as_a_float32_svd_allows():
+def test_ill_conditioned_matrices_take_the_float64_route():
     g = torch.Generator().manual_seed(7)
     u, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
@@ -110,8 +110,8 @@ def test_ill_conditioned_matrices_are_as_accurate_as_a_float32_svd_allows():
     merger.reset(base)
     out = merge(merger, base, base, {"w": com.float()}, base, 9)["w"].double()
     ref = oracle(base, base, {"w": com.float()}, base, 9)["w"]
-    # the float32 input alone limits any float32 method to ~ε32·κ here (a float32 SVD: ~3e-5)
-    assert float((out - ref).norm() / ref.norm()) < 1e-4
+    # a float32 SVD of the same input is off by ~3e-5 here
+    assert float((out - ref).norm() / ref.norm()) < 1e-6
 
 
 def test_merger_keeps_no_state_and_survives_a_checkpoint():

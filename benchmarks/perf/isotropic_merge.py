@@ -94,7 +94,8 @@ def main():
             den += float(d_ref.norm()) ** 2
             if args.no_f64:
                 continue
-            com = (previous[k] - base[k]).double() + (expert[k] - base[k]).double()
+            # Δ_com rounded to float32 exactly as both implementations form it: the methods' own error
+            com = ((previous[k] - base[k]) + (expert[k] - base[k])).double()
             u, s, vh = torch.linalg.svd(com, full_matrices=False)
             d64 = (u * (s.mean() + (s - s.mean()) / math.sqrt(args.step))) @ vh
             e = float((d_fast - d64).norm())

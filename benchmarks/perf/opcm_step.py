@@ -6,6 +6,10 @@ literal implementation of the definition, the way FusionBench computes it: full 
 τ̃ = U P Vᵀ. Two kinds of task vectors: i.i.d. Gaussian and "fine-tuning-like" (a few strong
 directions with a decaying spectrum plus small noise).
 
+Wall time depends on what else runs on the machine; with ``--threads 1`` the CPU time of the step is
+an upper bound of its wall time on an otherwise idle machine (a second thread never makes it slower),
+and it is far less sensitive to other processes. The load average is printed with the figures.
+
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/perf/opcm_step.py [--threads 2] [--repeats 3] [--no-reference]
 """
 
@@ -16,11 +20,15 @@ import math
 import os
 import time
 
-import torch
+# On a shared machine OpenMP threads that spin while waiting make LAPACK calls 10-40x slower whenever
+# another process holds a core; passive waiting keeps the figures meaningful (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import cl_merge  # noqa: F401  (torchvision shim before open_clip)
-from cl_merge.params import global_norm, is_matrix
-from cl_merge.strategies.opcm import OPCMMerger
+import torch  # noqa: E402
+
+import cl_merge  # noqa: F401,E402  (torchvision shim before open_clip)
+from cl_merge.params import global_norm, is_matrix  # noqa: E402
+from cl_merge.strategies.opcm import OPCMMerger  # noqa: E402
 
 
 def literal_opcm_step(base, previous, expert, lam_prev, mean_norm, alpha=0.5):
@@ -79,28 +87,30 @@ def main():
         merger.reset(base)
         d1 = merger.merge(base=base, previous=base, expert=e1, start=base, step=1)
         after_step1 = {k: v.clone() for k, v in merger.state_dict().items()}
-        times = []
+        times, cpu = [], []
         for _ in range(args.repeats):
             merger.load_state_dict(after_step1)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fast = merger.merge(base=base, previous=d1, expert=e2, start=base, step=2)
             times.append(time.perf_counter() - t0)
-        line = (f"[{kind}] OPCM merge step t=2: {min(times):.2f} s best, "
-                f"{sum(times) / len(times):.2f} s mean of {args.repeats}")
+            cpu.append(time.process_time() - c0)
+        line = (f"[{kind}] OPCM merge step t=2: wall {min(times):.2f} s best of {args.repeats} "
+                f"(CPU {min(cpu):.2f} s)")
         if not args.no_reference:
             mean_norm = (global_norm({k: e1[k] - base[k] for k in base})
                          + global_norm({k: e2[k] - base[k] for k in base})) / 2
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ref = literal_opcm_step(base, d1, e2, 1.0, mean_norm)
-            ref_s = time.perf_counter() - t0
+            ref_s, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
             num = den = 0.0
             for k in base:
                 a, b = (fast[k] - base[k]).double(), (ref[k] - base[k]).double()
                 num += float((a - b).norm()) ** 2
                 den += float(b.norm()) ** 2
-            line += (f"; literal full-SVD step {ref_s:.2f} s; rel. difference of the deployed update "
+            line += (f"; literal full-SVD step wall {ref_s:.2f} s (CPU {ref_cpu:.2f} s); "
+                     f"rel. difference of the deployed update "
                      f"{math.sqrt(num / den):.1e}")
-        print(line, flush=True)
+        print(line + f" [load average {os.getloadavg()[0]:.1f}]", flush=True)
 
 
 if __name__ == "__main__":
