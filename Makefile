@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cl_merge-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install clean-venv results
 
 install: $(STAMP)
 
@@ -27,3 +27,18 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Regenerates the committed mini-suite results (every strategy x 5 orders, leaderboard, plots).
+# Finished runs are skipped; delete results/mini/runs to recompute from scratch.
+MINI := results/mini
+MINI_EXPERTS := run.cache_dir=$(MINI)/runs/.cache run.threads=1
+CLM := $(OFFLINE) $(VENV)/bin/cl-merge
+.PHONY: results
+results: $(STAMP)
+	$(CLM) leaderboard results/leaderboard_mini.toml --quiet
+	$(CLM) plot matrix $(MINI)/runs --strategy saim --order 1 --out $(MINI)/plots/matrix_saim.png
+	$(CLM) plot matrix $(MINI)/runs --strategy c-ft --order 1 --out $(MINI)/plots/matrix_c-ft.png
+	$(CLM) plot curves $(MINI)/runs --out $(MINI)/plots/acc_sar_curves.png
+	$(CLM) plot delta-hist --learners adam sa_bcd --quiet --out $(MINI)/plots/delta_hist.png --data $(MINI)/plots/delta_hist.json $(MINI_EXPERTS)
+	$(CLM) plot disentanglement --learners adam sa_bcd --others absent --quiet --out $(MINI)/plots/disentanglement_two_tasks.png --data $(MINI)/plots/disentanglement_two_tasks.json $(MINI_EXPERTS)
+	$(CLM) plot disentanglement --learners adam sa_bcd --others fixed --quiet --out $(MINI)/plots/disentanglement_all_tasks.png --data $(MINI)/plots/disentanglement_all_tasks.json $(MINI_EXPERTS)

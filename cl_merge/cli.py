@@ -183,7 +183,8 @@ def cmd_demo(args) -> int:
     names = args.strategies or STRATEGIES.names()
     results = []
     for name in names:
-        config = resolve("mini", strategy=name, order=args.order, seed=args.seed)
+        # one intra-op thread: the mini model is too small to gain from more (results do not depend on it)
+        config = resolve("mini", strategy=name, order=args.order, seed=args.seed, overrides=["run.threads=1"])
         out.rule(f"{name}")
         result, path = execute(config, out_dir=args.out, progress=not args.quiet)
         _summary(result, path)

@@ -134,7 +134,7 @@ def resolve(benchmark: str, strategy: Optional[str] = None, learner: Optional[st
         section, _, name = _qualify(key, fields).partition(".")
         layers[section][name] = value
 
-    built = {s: classes[s].build(layers[s], where=f"{s} '{getattr(classes[s], 'name', s)}'") for s in SECTIONS}
+    built = {s: classes[s].build(layers[s], where=s) for s in SECTIONS}
     bench = built["benchmark"]
     if order is None:
         order = bench_cls.default_order

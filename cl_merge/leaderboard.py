@@ -151,7 +151,10 @@ def parse_grid(data: Dict[str, Any], base_dir: Path = Path("."), source: Optiona
     if orders == "all":
         from .registry import BENCHMARKS
 
-        orders = BENCHMARKS.get(benchmark)().orders()
+        try:
+            orders = BENCHMARKS.get(benchmark)().orders()
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
     elif orders is not None:
         if not isinstance(orders, list):
             orders = [orders]

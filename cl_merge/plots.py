@@ -231,6 +231,10 @@ class ExpertSource:
         # every learner is resolved now, so a bad name or override fails before anything trains
         configs = [resolve(benchmark, learner=name, merger="identity", protocol="independent", order=order,
                            seed=seed, overrides=self.overrides) for name in learners]
+        for config in configs:
+            if instantiate(config)[1].stateful:
+                raise UserError(f"learner '{config.learner}' keeps state across tasks, but these figures fine-tune "
+                                "every task independently from θ0; use a stateless learner (see `cl-merge list`)")
         base = configs[0]
         bench, _, _, settings = instantiate(base)
         self.settings, self.order, self.seed = settings, base.order, base.seed
@@ -266,9 +270,6 @@ class ExpertSource:
         config = resolve(self.benchmark_name, learner=learner_name, merger="identity", protocol="independent",
                          order=self.order, seed=self.seed, overrides=self.overrides)
         _, learner, _, _ = instantiate(config)
-        if learner.stateful:
-            raise UserError(f"learner '{learner_name}' keeps state across tasks, but these figures fine-tune "
-                            "every task independently from θ0; use a stateless learner (see `cl-merge list`)")
         cache = ExpertCache(self.cache_dir / "experts") if self.settings.expert_cache else None
         out = {}
         with Reporter(enabled=self.progress) as reporter:

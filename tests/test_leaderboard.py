@@ -9,7 +9,6 @@ import torch
 
 from cl_merge import leaderboard as lb
 from cl_merge.cli import main
-from cl_merge.errors import UserError
 from cl_merge.io import write_json_atomic
 from cl_merge.results import STABLE_KEYS, ensure_results_dir
 from cl_merge.runner import result_path

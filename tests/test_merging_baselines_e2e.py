@@ -49,9 +49,10 @@ def test_baseline_strategies_run_with_paper_defaults(out_dir, fast_overrides, st
         assert result["acc_matrix"][1][0] == pytest.approx(result["expert_acc"][0])
 
 
-@pytest.mark.parametrize("merger", ["ties", "magmax", "opcm"])
-def test_mergers_work_under_the_sequential_protocol(out_dir, fast_overrides, merger):
-    result, path = run(out_dir, fast_overrides, learner="adam", merger=merger, protocol="sequential")
+def test_opcm_works_under_the_sequential_protocol(out_dir, fast_overrides):
+    """Sequential: τ_t = expert − deployed_{t−1}, not expert − θ0 (covered for every merger in the unit
+    tests; here once end to end, with the merger whose state depends most on it)."""
+    result, path = run(out_dir, fast_overrides, learner="adam", merger="opcm", protocol="sequential")
     check_result(result, path)
     assert result["protocol"] == "sequential"
 
@@ -69,7 +70,7 @@ class Killed(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["opcm", "c-ties"])
+@pytest.mark.parametrize("strategy", ["opcm"])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(out_dir, fast_overrides, monkeypatch, strategy):
     full, _ = run(out_dir, fast_overrides, strategy=strategy)
     merger_cls = MERGERS.get(resolve("mini", strategy=strategy).merger)

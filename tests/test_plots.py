@@ -171,6 +171,7 @@ def test_disentanglement_error_grid(tmp_path, capsys, shared_cache):
     (["disentanglement", "--learners", "adam", "--pair", "1", "nope"], "task 'nope' is not in this stream"),
     (["disentanglement", "--learners", "adam", "--others-alpha", "x"], "--others-alpha must be 'auto'"),
     (["delta-hist", "--learners", "nope"], "unknown learner 'nope'"),
+    (["delta-hist", "--learners", "adam", "ewc"], "learner 'ewc' keeps state across tasks"),
 ])
 def test_bad_plot_input_is_one_line(tmp_path, capsys, argv, needle, shared_cache):
     png = tmp_path / "x.png"

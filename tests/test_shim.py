@@ -3,7 +3,7 @@ import sys
 
 
 def test_cl_merge_import_makes_torchvision_open_clip_and_avalanche_importable():
-    code = ("import cl_merge, torchvision, open_clip; import avalanche.training as t;"
+    code = ("import cl_merge, torchvision, open_clip; import avalanche.training.plugins as t;"
             "print(hasattr(t, 'EWCPlugin') and hasattr(t, 'ReplayPlugin'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
