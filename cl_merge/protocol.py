@@ -21,7 +21,7 @@ from .expert_cache import ExpertCache, expert_key
 from .learner import FitContext, Learner
 from .merger import Merger
 from .models.base import ModelAdapter
-from .params import StateDict, clone
+from .params import clone
 from .progress import Reporter
 from .sar import SARMeter
 from .task import Stream, Task

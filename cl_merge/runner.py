@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -70,6 +70,8 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
                       setup_s=setup_s, wall_s=time.perf_counter() - t_start)
     if hasattr(stream, "order_record"):  # generated orders: the explicit permutation
         result["order_detail"] = stream.order_record()
+    if hasattr(stream, "results_detail"):  # benchmark-specific additions (e.g. TRACE's metrics, decoding)
+        result["benchmark_detail"] = stream.results_detail()
     write_json_atomic(path, result)
     checkpointer.clear()  # the results file is the durable output; the resume point is spent
     return result, path

@@ -10,9 +10,7 @@ import torch  # noqa: E402
 # One thread: the tiny models here run faster single-threaded, and far faster on a loaded machine.
 torch.set_num_threads(1)
 
-# A small, fast mini-suite configuration for end-to-end tests.
-FAST = ["benchmark.num_tasks=3", "benchmark.n_train=96", "benchmark.n_val=32", "benchmark.n_test=96",
-        "learner.steps=15"]
+from _settings import FAST  # noqa: E402
 
 
 @pytest.fixture

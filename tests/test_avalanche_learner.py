@@ -28,18 +28,9 @@ def make_task(name, classnames, seed, n=40):
                 test=data, fingerprint=name)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tiny models run ~100x faster on one intra-op thread than on two when the CPU is shared
-    # (OpenMP workers spin-wait for busy cores); results do not depend on it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def world(one_thread):
+def world():
     from cl_merge.benchmarks.mini.pretrain import create_model, load_tokenizer
 
     torch.manual_seed(0)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from cl_merge.config import resolve
 from cl_merge.registry import MERGERS
@@ -15,15 +14,6 @@ from cl_merge.runner import execute
 FORGETTING = ["benchmark.num_tasks=3", "benchmark.n_train=256", "benchmark.n_val=32", "benchmark.n_test=128",
               "learner.steps=40"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # ~100x faster than two intra-op threads on a shared 2-core CPU (spin-waiting workers);
-    # results do not depend on it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(out, strategy=None, overrides=(), resume=False, **kw):

@@ -5,7 +5,7 @@ import io
 import statistics
 
 import pytest
-import torch
+from _settings import SMALL
 
 from cl_merge import leaderboard as lb
 from cl_merge.cli import main
@@ -13,20 +13,7 @@ from cl_merge.io import write_json_atomic
 from cl_merge.results import STABLE_KEYS, ensure_results_dir
 from cl_merge.runner import result_path
 
-# small mini-suite settings shared by the SAR, leaderboard and plot tests (same values in each file, so
-# one pytest session trains each expert once through the shared cache)
-SMALL = ["benchmark.num_tasks=3", "benchmark.n_train=64", "benchmark.n_val=32", "benchmark.n_test=48",
-         "learner.steps=8"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The mini model is far too small to gain from intra-op threads, and on busy shared cores they cost
-    up to 10x; run these tests on one thread and restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fake_result(strategy="c-ta", order=1, seed=0, acc_last=(0.8, 0.6, 0.7), diag=(0.9, 0.8, 0.7),

@@ -4,6 +4,8 @@ of largest magnitude (the later task on ties)."""
 import numpy as np
 import pytest
 import torch
+from _merging import random_state
+from _merging import run_merger as run
 
 from cl_merge.params import nbytes
 from cl_merge.registry import MERGERS
@@ -11,19 +13,8 @@ from cl_merge.registry import MERGERS
 SHAPES = (("w", (6, 4)), ("b", (6,)), ("conv", (3, 2, 2, 2)))
 
 
-def random_state(seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in SHAPES}
 
 
-def run(merger, base, experts, starts):
-    merger.reset(base)
-    deployed = {k: v.clone() for k, v in base.items()}
-    out = []
-    for t, (e, s) in enumerate(zip(experts, starts), start=1):
-        deployed = merger.merge(base=base, previous=deployed, expert=e, start=s, step=t)
-        out.append(deployed)
-    return out
 
 
 def oracle(base, experts, starts, t, key, lam=0.5):

@@ -1,24 +1,10 @@
 """Identity, task arithmetic and SWA against their defining formulas on random weights."""
 
 import torch
+from _merging import random_state, run_merger
 
 from cl_merge.params import nbytes
 from cl_merge.registry import MERGERS
-
-
-def random_state(seed, shapes=(("w", (6, 4)), ("b", (6,)), ("conv", (3, 2, 2, 2)))):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in shapes}
-
-
-def run_merger(merger, base, experts, starts):
-    merger.reset(base)
-    deployed = {k: v.clone() for k, v in base.items()}
-    history = []
-    for t, (expert, start) in enumerate(zip(experts, starts), start=1):
-        deployed = merger.merge(base=base, previous=deployed, expert=expert, start=start, step=t)
-        history.append(deployed)
-    return history
 
 
 def test_task_arithmetic_running_sum_equals_formula():

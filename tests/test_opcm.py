@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+import _merging
+from _merging import run_merger as run
 
 import cl_merge  # noqa: F401  (torchvision shim before open_clip)
 from cl_merge.params import nbytes
@@ -16,8 +18,7 @@ SHAPES = (("tall", (7, 4)), ("wide", (3, 8)), ("square", (5, 5)), ("b", (6,)), (
 
 
 def random_state(seed, shapes=SHAPES):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) for k, s in shapes}
+    return _merging.random_state(seed, shapes)
 
 
 def np_state(state):
@@ -59,14 +60,6 @@ def oracle(base, experts, starts, alpha=0.5):
     return deployed, splits
 
 
-def run(merger, base, experts, starts):
-    merger.reset(base)
-    deployed = {k: v.clone() for k, v in base.items()}
-    out = []
-    for t, (e, s) in enumerate(zip(experts, starts), start=1):
-        deployed = merger.merge(base=base, previous=deployed, expert=e, start=s, step=t)
-        out.append(deployed)
-    return out
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.8])

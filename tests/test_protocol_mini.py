@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from cl_merge.config import resolve
 from cl_merge.learner import GradientLearner

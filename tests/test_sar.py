@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from _settings import SMALL
 import torch
 
 from cl_merge.errors import UserError
@@ -11,20 +12,7 @@ from cl_merge.io import load_tensors
 from cl_merge.sar import MergedBasis, SARMeter, energy_rank, layer_sar
 
 ENERGY = 0.95
-# small mini-suite settings shared by the SAR, leaderboard and plot tests (same values in each file, so
-# one pytest session trains each expert once through the shared cache)
-SMALL = ["benchmark.num_tasks=3", "benchmark.n_train=64", "benchmark.n_val=32", "benchmark.n_test=48",
-         "learner.steps=8"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The mini model is far too small to gain from intra-op threads, and on busy shared cores they cost
-    up to 10x; run these tests on one thread and restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- the oracle -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ list of all task vectors and recompute from scratch at every step."""
 import numpy as np
 import pytest
 import torch
+import _merging
 
 from cl_merge.params import nbytes
 from cl_merge.registry import MERGERS
@@ -12,8 +13,7 @@ SHAPES = (("w", (6, 4)), ("v", (3, 7)), ("b", (6,)), ("conv", (3, 2, 2, 2)))
 
 
 def random_state(seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return {k: scale * torch.randn(s, generator=g) for k, s in SHAPES}
+    return _merging.random_state(seed, SHAPES, scale)
 
 
 def flat(state):
@@ -47,13 +47,7 @@ def np_trim_state(x, keep, scope):
 
 
 def run(merger, base, experts, starts):
-    merger.reset(base)
-    deployed = {k: v.clone() for k, v in base.items()}
-    out = []
-    for t, (e, s) in enumerate(zip(experts, starts), start=1):
-        deployed = merger.merge(base=base, previous=deployed, expert=e, start=s, step=t)
-        out.append(flat(deployed))
-    return out
+    return [flat(d) for d in _merging.run_merger(merger, base, experts, starts)]
 
 
 def scenario(sequential_starts):
