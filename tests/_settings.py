@@ -9,3 +9,21 @@ FAST = ["benchmark.num_tasks=3", "benchmark.n_train=96", "benchmark.n_val=32", "
 # Smaller still, for the SAR, leaderboard and plot tests, which run many strategies.
 SMALL = ["benchmark.num_tasks=3", "benchmark.n_train=64", "benchmark.n_val=32", "benchmark.n_test=48",
          "learner.steps=8"]
+
+
+class Killed(RuntimeError):
+    """Stands in for a process killed in the middle of a run."""
+
+
+def kill_merges_at(monkeypatch, merger_cls, at_step):
+    """Make ``merger_cls.merge`` raise ``Killed`` at step ``at_step`` (after the checkpoint of the step
+    before); returns a function that restores the real merge, for the resumed run."""
+    original = merger_cls.merge
+
+    def dies(self, base, previous, expert, start, step):
+        if step == at_step:
+            raise Killed()
+        return original(self, base, previous, expert, start, step)
+
+    monkeypatch.setattr(merger_cls, "merge", dies)
+    return lambda: monkeypatch.setattr(merger_cls, "merge", original)

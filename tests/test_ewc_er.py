@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from _settings import Killed, kill_merges_at
 
 from cl_merge.config import resolve
 from cl_merge.registry import MERGERS
@@ -13,7 +14,6 @@ from cl_merge.runner import execute
 # strategies' own defaults; only the suite is shrunk): see benchmarks/perf/ewc_er_mini.py.
 FORGETTING = ["benchmark.num_tasks=3", "benchmark.n_train=256", "benchmark.n_val=32", "benchmark.n_test=128",
               "learner.steps=40"]
-
 
 
 def run(out, strategy=None, overrides=(), resume=False, **kw):
@@ -43,10 +43,6 @@ def test_ewc_and_er_forget_less_than_continual_fine_tuning(forgetting_runs):
     assert er["hyperparameters"]["learner.mem_size"] == 200 and er["hyperparameters"]["learner.mu"] == 0.5
 
 
-class Killed(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("strategy", ["ewc", "er"])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(forgetting_runs, monkeypatch, strategy):
     """The learner's state (EWC's importances and anchors, ER's buffer) goes through the step
@@ -54,20 +50,13 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(forgetting_runs, mon
     also shows: same seed, same results)."""
     runs, out = forgetting_runs
     merger_cls = MERGERS.get("identity")
-    original = merger_cls.merge
-
-    def dies_at_step_2(self, base, previous, expert, start, step):
-        if step == 2:
-            raise Killed()
-        return original(self, base, previous, expert, start, step)
-
-    monkeypatch.setattr(merger_cls, "merge", dies_at_step_2)
+    restore = kill_merges_at(monkeypatch, merger_cls, at_step=2)
     killed = out / f"killed-{strategy}"
     with pytest.raises(Killed):
         run(killed, strategy, FORGETTING)
     ckpts = list(killed.glob("*.ckpt"))
     assert len(ckpts) == 1 and json.loads((ckpts[0] / "state.json").read_text())["step"] == 1
-    monkeypatch.setattr(merger_cls, "merge", original)
+    restore()
     resumed = run(killed, strategy, FORGETTING, resume=True)
     assert strip_volatile(resumed) == strip_volatile(runs[strategy])
 

@@ -4,6 +4,7 @@ share one output folder, so the independent experts are trained once and reused 
 import json
 
 import pytest
+from _settings import Killed, kill_merges_at
 
 from cl_merge.config import resolve
 from cl_merge.registry import LEARNERS, MERGERS
@@ -66,25 +67,14 @@ def test_sa_bcd_with_ties_runs(out_dir, fast_overrides):
     assert result["learner"] == "sa_bcd"
 
 
-class Killed(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("strategy", ["opcm"])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(out_dir, fast_overrides, monkeypatch, strategy):
     full, _ = run(out_dir, fast_overrides, strategy=strategy)
     merger_cls = MERGERS.get(resolve("mini", strategy=strategy).merger)
-    original = merger_cls.merge
-
-    def dies_at_step_3(self, base, previous, expert, start, step):
-        if step == 3:
-            raise Killed()
-        return original(self, base, previous, expert, start, step)
-
-    monkeypatch.setattr(merger_cls, "merge", dies_at_step_3)
+    restore = kill_merges_at(monkeypatch, merger_cls, at_step=3)
     with pytest.raises(Killed):
         run(out_dir, fast_overrides, name=f"killed-{strategy}", strategy=strategy)
-    monkeypatch.setattr(merger_cls, "merge", original)
+    restore()
     resumed, _ = run(out_dir, fast_overrides, name=f"killed-{strategy}", resume=True, strategy=strategy)
     same = lambda r: {k: v for k, v in strip_volatile(r).items() if k != "expert_source"}  # noqa: E731
     assert same(resumed) == same(full)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from _settings import Killed, kill_merges_at
 
 from cl_merge.config import resolve
 from cl_merge.learner import GradientLearner
@@ -48,28 +49,17 @@ def test_same_config_and_seed_give_identical_results(tmp_path, fast_overrides):
     assert c["acc_matrix"][1:] != a["acc_matrix"][1:]
 
 
-class Killed(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("strategy", ["c-ft", "c-ta"])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, fast_overrides, monkeypatch, strategy):
     full, _ = run(tmp_path, strategy, fast_overrides, name="full")
     merger_cls = MERGERS.get(resolve("mini", strategy=strategy).merger)
-    original = merger_cls.merge
-
-    def dies_at_step_2(self, base, previous, expert, start, step):
-        if step == 2:
-            raise Killed()
-        return original(self, base, previous, expert, start, step)
-
-    monkeypatch.setattr(merger_cls, "merge", dies_at_step_2)
+    restore = kill_merges_at(monkeypatch, merger_cls, at_step=2)
     with pytest.raises(Killed):
         run(tmp_path, strategy, fast_overrides, name="killed")
     ckpts = list((tmp_path / "killed").glob("*.ckpt"))
     assert len(ckpts) == 1 and json.loads((ckpts[0] / "state.json").read_text())["step"] == 1
     assert not list((tmp_path / "killed").glob("*.json"))  # no half-written results
-    monkeypatch.setattr(merger_cls, "merge", original)
+    restore()
     resumed, _ = run(tmp_path, strategy, fast_overrides, name="killed", resume=True)
     assert strip_volatile(resumed) == strip_volatile(full)
 

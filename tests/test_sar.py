@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from _settings import Killed, kill_merges_at
 from _settings import SMALL
 import torch
 
@@ -12,7 +13,6 @@ from cl_merge.io import load_tensors
 from cl_merge.sar import MergedBasis, SARMeter, energy_rank, layer_sar
 
 ENERGY = 0.95
-
 
 
 # ---- the oracle -------------------------------------------------------------------------------
@@ -219,10 +219,6 @@ def test_runs_record_sar_per_step(tmp_path, shared_cache):
     assert swa["expert_source"] == ["cache"] * T
 
 
-class Killed(RuntimeError):
-    pass
-
-
 def test_a_killed_run_with_stored_updates_resumes_to_the_same_sar(tmp_path, shared_cache, monkeypatch):
     from cl_merge.config import resolve
     from cl_merge.registry import MERGERS
@@ -232,19 +228,12 @@ def test_a_killed_run_with_stored_updates_resumes_to_the_same_sar(tmp_path, shar
     config = resolve("mini", strategy="c-ta", overrides=SMALL + [f"run.cache_dir={shared_cache}", "run.sar_store=true"])
     full, _ = execute(config, out_dir=tmp_path / "full", progress=False)
     merger_cls = MERGERS.get(config.merger)
-    original = merger_cls.merge
-
-    def dies_at_step_3(self, base, previous, expert, start, step):
-        if step == 3:
-            raise Killed()
-        return original(self, base, previous, expert, start, step)
-
-    monkeypatch.setattr(merger_cls, "merge", dies_at_step_3)
+    restore = kill_merges_at(monkeypatch, merger_cls, at_step=3)
     with pytest.raises(Killed):
         execute(config, out_dir=tmp_path / "killed", progress=False)
     ckpt = tmp_path / "killed" / f"{config.run_id()}.ckpt"
     assert sorted(p.name for p in (ckpt / "sar").iterdir()) == ["task-1.safetensors", "task-2.safetensors"]
-    monkeypatch.setattr(merger_cls, "merge", original)
+    restore()
     resumed, _ = execute(config, out_dir=tmp_path / "killed", resume=True, progress=False)
     assert strip_volatile(resumed) == strip_volatile(full)
     assert not ckpt.exists()
