@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import cl_merge  # noqa: E402,F401  (torchvision shim before open_clip)
+from vit_weights import task_vector, vit_b32_tower  # noqa: E402
 from cl_merge.params import is_matrix  # noqa: E402
 from cl_merge.strategies.isotropic import IsotropicMerger  # noqa: E402
 
@@ -39,19 +40,6 @@ def plain_svd_merge(base, previous, expert, start, step, lam=0.0, alpha=1.0):
     return out
 
 
-def task_vector(base, kind, gen, scale=1e-3):
-    tv = {}
-    for k, v in base.items():
-        noise = torch.randn(v.shape, generator=gen) * scale
-        if kind == "finetune" and v.ndim == 2:
-            r = 8  # a few strong directions with a decaying spectrum on top of small noise
-            left = torch.randn(v.shape[0], r, generator=gen)
-            right = torch.randn(r, v.shape[1], generator=gen)
-            decay = torch.logspace(0, -2, r)
-            noise = noise * 0.05 + (left * decay) @ right * scale / math.sqrt(v.shape[1])
-        tv[k] = noise
-    return tv
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -61,10 +49,7 @@ def main():
     ap.add_argument("--no-f64", action="store_true", help="skip the float64 SVD check (~1 s per matrix)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import open_clip
-
-    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
-    base = {k: p.detach().clone() for k, p in visual.named_parameters()}
+    base = vit_b32_tower()
     mats = [k for k, v in base.items() if is_matrix(v)]
     print(f"ViT-B/32 image tower: {sum(v.numel() for v in base.values()) / 1e6:.1f}M parameters, "
           f"{len(mats)} 2-D matrices; threads={args.threads}, load average {os.getloadavg()[0]:.1f}")

@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import cl_merge  # noqa: F401,E402  (torchvision shim before open_clip)
+from vit_weights import task_vector, vit_b32_tower  # noqa: E402
 from cl_merge.params import global_norm, is_matrix  # noqa: E402
 from cl_merge.strategies.opcm import OPCMMerger  # noqa: E402
 
@@ -49,19 +50,6 @@ def literal_opcm_step(base, previous, expert, lam_prev, mean_norm, alpha=0.5):
     return {k: base[k] + merged[k] / lam for k in base}
 
 
-def task_vector(base, kind, gen, scale=1e-3):
-    tv = {}
-    for k, v in base.items():
-        noise = torch.randn(v.shape, generator=gen) * scale
-        if kind == "finetune" and v.ndim == 2:
-            r = 8
-            left = torch.randn(v.shape[0], r, generator=gen)
-            right = torch.randn(r, v.shape[1], generator=gen)
-            decay = torch.logspace(0, -2, r)
-            noise = noise * 0.05 + (left * decay) @ right * scale / math.sqrt(v.shape[1])
-        tv[k] = noise
-    return tv
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -71,10 +59,7 @@ def main():
     ap.add_argument("--kinds", default="gaussian,finetune")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import open_clip
-
-    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
-    base = {k: p.detach().clone() for k, p in visual.named_parameters()}
+    base = vit_b32_tower()
     mats = [k for k, v in base.items() if is_matrix(v)]
     print(f"ViT-B/32 image tower: {sum(v.numel() for v in base.values()) / 1e6:.1f}M parameters, "
           f"{len(mats)} 2-D matrices projected (incl. positional_embedding, proj, in_proj_weight); "
