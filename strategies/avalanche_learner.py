@@ -18,6 +18,12 @@ How our pieces map onto Avalanche's:
   label, presented as one ``DatasetExperience`` per ``fit``.
 * iterations: the template trains by epochs; a plugin stops it after ``steps`` iterations.
 
+Adapters without ``logits`` (the Hugging Face causal-LM adapter): the template's
+``criterion(model(x), y)`` cannot carry a loss on answer tokens of variable-length text batches, so
+these learners run natively there (``fit_native``): ``GradientLearner``'s loop with the same
+optimizer, schedule, steps and batches, and EWC's penalty / ER's replay implemented with the same
+definitions as Avalanche's plugins (see ``ewc.py`` and ``er.py``).
+
 Avalanche is imported lazily (it takes seconds), so listing or running other strategies stays fast.
 """
 
@@ -31,7 +37,6 @@ from typing import Any, Dict, List
 
 import torch
 
-from cl_merge.errors import UserError
 from cl_merge.learner import FitContext, GradientLearner
 from cl_merge.params import StateDict
 from cl_merge.registry import register_learner
@@ -205,13 +210,22 @@ class AvalancheLearner(GradientLearner):
 
     def after_train(self, template, ctx: FitContext) -> None: ...
 
+    def fit_native(self, start: StateDict, ctx: FitContext) -> StateDict:
+        """The same training without Avalanche, for adapters that are not classifiers (causal LMs):
+        ``GradientLearner``'s loop (what the template reproduces for `adam`), with the subclass's
+        method in its hooks. ``ewc`` and ``er`` override the hooks / the batches."""
+        expert = GradientLearner.fit(self, start, ctx)
+        self._experiences += 1
+        return expert
+
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, start: StateDict, ctx: FitContext) -> StateDict:
         self._check_budget()
         adapter, task = ctx.adapter, ctx.task
         if not hasattr(adapter, "logits"):
-            raise UserError(f"learner '{self.name}' trains a classifier through Avalanche and needs a "
-                            f"model adapter with logits(inputs, task); {type(adapter).__name__} has none")
+            # No classifier logits (e.g. the causal-LM adapter): the template's criterion(logits, y)
+            # cannot carry the answer-token loss, so the method runs natively (``fit_native``).
+            return self.fit_native(start, ctx)
         av = avalanche()
         TaskHeadsModel, Template, Budget = _classes()
         task_id = ctx.step - 1

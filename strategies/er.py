@@ -15,16 +15,26 @@ batch unchanged means ER sees the same current-task data per step as C-FT and on
 Defaults: ``mem_size = 200`` (Avalanche's ReplayPlugin default; Mammoth's smallest standard buffer),
 ``μ = 0.5`` (Avalanche's default memory batch = training batch; the equal split of Chaudhry et al.
 2019's ER and Mammoth's ER configurations).
+
+Causal LMs (adapters without classifier logits): Avalanche's template cannot carry the answer-token
+loss, so replay runs natively (``fit_native``) with the same definitions: an experience-balanced
+buffer (``mem_size // tasks`` per task, the remainder to the first tasks, each task's share its
+records with the largest uniform reservoir weights, drawn once per task from the fit's seed), and
+every step's ``batch_size`` current records plus ``round(batch_size·μ/(1−μ))`` buffered records
+(at most the buffer's size), drawn without replacement through reshuffled passes over the buffer.
+The loss is the adapter's mean over the answer tokens of the mixed batch (token-weighted, where the
+classifier path is sample-weighted). Buffered records are text; the state stores them as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from cl_merge.learner import FitContext
+from cl_merge.learner import FitContext, GradientLearner
+from cl_merge.params import StateDict
 from cl_merge.registry import register_learner
 
 from .avalanche_learner import (AvalancheLearner, avalanche, decode_json, encode_json, task_stand_in,
@@ -48,6 +58,10 @@ class ERLearner(AvalancheLearner):
         if not 0.0 < self.mu < 1.0:
             raise ValueError("mu must be in (0, 1)")
         self._plugin = None
+        # native path (causal LMs): one group per past task, each a list of (weight, task id, record)
+        # sorted by decreasing reservoir weight
+        self._native = False
+        self._groups: List[List[Tuple[float, int, Dict[str, str]]]] = []
 
     @property
     def plugin(self):
@@ -85,6 +99,35 @@ class ERLearner(AvalancheLearner):
             x, y, t = _materialise(group.buffer)
             group.buffer = tensor_dataset(x, y, t.tolist())
 
+    # ---- native path (causal LMs) -------------------------------------------------------------
+    def native_buffer(self) -> List[Tuple[int, Dict[str, str]]]:
+        """(task id, record) of every buffered record."""
+        return [(t, r) for group in self._groups for _, t, r in group]
+
+    def fit_native(self, start: StateDict, ctx: FitContext) -> StateDict:
+        self._native = True
+        held = {t for t, _ in self.native_buffer()}
+        if held and max(held) >= ctx.step - 1:  # the DESIGN rule: past tasks' data only
+            raise RuntimeError(f"replay buffer holds task ids {sorted(held)} while training task {ctx.step - 1}")
+        memory = [r for _, r in self.native_buffer()]
+        adapter = ctx.adapter
+        ctx.adapter = _ReplayBatches(adapter, memory, min(self.memory_batch_size(), len(memory)), ctx.seed + 2)
+        try:
+            expert = GradientLearner.fit(self, start, ctx)
+        finally:
+            ctx.adapter = adapter
+        # add this task's records: reservoir weights from the fit's seed, then rebalance the groups
+        data = ctx.task.train
+        g = torch.Generator().manual_seed(ctx.seed + 1)
+        weights = torch.rand(len(data), generator=g).tolist()
+        group = sorted(((w, ctx.step - 1, data[i]) for i, w in enumerate(weights)), key=lambda x: -x[0])
+        self._groups.append(group)
+        n = len(self._groups)
+        sizes = [self.mem_size // n + (1 if i < self.mem_size % n else 0) for i in range(n)]
+        self._groups = [grp[:size] for grp, size in zip(self._groups, sizes)]
+        self._experiences += 1
+        return expert
+
     # ---- buffer access and state --------------------------------------------------------------
     def buffer_contents(self):
         """(inputs, labels, task ids, reservoir weights, group) of every buffered sample."""
@@ -100,6 +143,9 @@ class ERLearner(AvalancheLearner):
         return torch.cat(xs), torch.cat(ys), torch.cat(ts), torch.cat(ws), torch.cat(gs)
 
     def state_dict(self) -> Dict[str, Any]:
+        if self._native:
+            return {"experiences": torch.tensor([self._experiences]), "native": torch.tensor([1]),
+                    "native/buffer": encode_json([[[w, t, r] for w, t, r in grp] for grp in self._groups])}
         state: Dict[str, Any] = {
             "experiences": torch.tensor([self._experiences]),
             "tasks": encode_json({str(i): [t.name, list(t.classnames), list(t.templates)]
@@ -114,6 +160,12 @@ class ERLearner(AvalancheLearner):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not state:
+            return
+        if "native" in state:
+            self._native = True
+            self._experiences = int(state["experiences"])
+            self._groups = [[(float(w), int(t), dict(r)) for w, t, r in grp]
+                            for grp in decode_json(state["native/buffer"])]
             return
         from avalanche.training.storage_policy import ReservoirSamplingBuffer
 
@@ -144,3 +196,25 @@ def _materialise(dataset):
     y = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
     t = torch.tensor([int(it[-1]) for it in items], dtype=torch.long)
     return x, y, t
+
+
+class _ReplayBatches:
+    """The adapter, with every training batch (a list of records) extended by buffered records."""
+
+    def __init__(self, adapter, memory: List[Dict[str, str]], memory_batch: int, seed: int):
+        self._adapter, self._memory, self._k = adapter, memory, memory_batch
+        # its own generator: the current task's batches stay exactly C-FT's
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def train_batches(self, task, batch_size, steps, generator):
+        order: List[int] = []
+        for batch in self._adapter.train_batches(task, batch_size, steps, generator):
+            if self._memory and self._k > 0:
+                if len(order) < self._k:
+                    order = torch.randperm(len(self._memory), generator=self._generator).tolist()
+                picked, order = order[: self._k], order[self._k:]
+                batch = list(batch) + [self._memory[i] for i in picked]
+            yield batch

@@ -15,6 +15,15 @@ Defaults and where they come from:
   Permuted MNIST, 90 Mammoth seq-MNIST, 1000 common Mammoth online-EWC runs, 5000 FACIL). 1000 was
   chosen by measurement on the mini suite (benchmarks/perf/ewc_er_mini.py): the smallest of these
   values that clearly reduces forgetting relative to C-FT with the mini defaults.
+
+Causal LMs (adapters without classifier logits): Avalanche's template cannot carry the answer-token
+loss, so the same method runs natively (``fit_native`` + the hooks below): the penalty
+λ · Σ_k Σ_i F_k,i (θ_i − θ*_k,i)² added to the loss before backward (``separate``: every past task
+k; ``online``: the latest decayed F and θ*), and after each task F = mean over the task's training
+minibatches (``batch_size``, in order, the last one possibly short) of the squared gradient of the
+adapter's loss, exactly as ``EWCPlugin.compute_importances``. θ* and F live on the model's device:
+``separate`` mode holds 2 copies of the mergeable weights per past task (8 GB per task for a 1B
+model in fp32); ``online`` holds 2 in all. State keys carry a ``native/`` prefix.
 """
 
 from __future__ import annotations
@@ -48,6 +57,10 @@ class EWCLearner(AvalancheLearner):
         if not 0.0 <= self.decay_factor <= 1.0:
             raise ValueError("decay_factor must be in [0, 1]")
         self._plugin = None
+        # native path (causal LMs): θ*_k and F_k per past task k, name -> tensor
+        self._native = False
+        self._saved: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._fisher: Dict[int, Dict[str, torch.Tensor]] = {}
 
     @property
     def plugin(self):
@@ -74,8 +87,63 @@ class EWCLearner(AvalancheLearner):
                     if data.data.device != torch.device(device):
                         data.data = data.data.to(device)
 
+    # ---- native path (causal LMs) -------------------------------------------------------------
+    def before_training_exp(self, ctx: FitContext) -> None:
+        self._native = True
+        device = ctx.adapter.device
+        for store in (self._saved, self._fisher):
+            for per_exp in store.values():
+                for name, tensor in per_exp.items():
+                    if tensor.device != device:
+                        per_exp[name] = tensor.to(device)
+
+    def before_backward(self, ctx: FitContext, loss: torch.Tensor, batch) -> torch.Tensor:
+        t = self._experiences  # tasks trained before this one
+        if t == 0:
+            return loss
+        past = range(t) if self.mode == "separate" else [t - 1]
+        penalty = loss.new_zeros(())
+        for k in past:
+            saved, fisher = self._saved[k], self._fisher[k]
+            for name, p in ctx.params.items():
+                if name in saved:
+                    penalty = penalty + (fisher[name] * (p - saved[name]).pow(2)).sum()
+        return loss + self.ewc_lambda * penalty
+
+    def after_training_exp(self, ctx: FitContext) -> None:
+        adapter, task, params = ctx.adapter, ctx.task, ctx.params
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        data = task.train
+        batches = [[data[i] for i in range(s, min(s + self.batch_size, len(data)))]
+                   for s in range(0, len(data), self.batch_size)]
+        for batch in batches:
+            for p in params.values():
+                p.grad = None
+            adapter.loss(batch, task).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach().pow(2)
+        for n in fisher:
+            fisher[n] /= float(len(batches))
+        for p in params.values():
+            p.grad = None
+        t = self._experiences
+        if self.mode == "online" and t > 0:
+            old = self._fisher.pop(t - 1)
+            fisher = {n: self.decay_factor * old[n] + f if n in old else f for n, f in fisher.items()}
+            self._saved.pop(t - 1, None)
+        self._fisher[t] = fisher
+        self._saved[t] = {n: p.detach().clone() for n, p in params.items()}
+
     # ---- state: saved parameters θ*_k and importances F_k, per experience k ------------------
     def state_dict(self) -> Dict[str, Any]:
+        if self._native:
+            state = {"experiences": torch.tensor([self._experiences]), "native": torch.tensor([1])}
+            for kind, store in (("params", self._saved), ("fisher", self._fisher)):
+                for exp, per_exp in store.items():
+                    for name, data in per_exp.items():
+                        state[f"native/{kind}/{exp}/{name}"] = data.detach().cpu().contiguous()
+            return state
         state: Dict[str, Any] = {"experiences": torch.tensor([self._experiences])}
         for kind, store in (("params", self.plugin.saved_params), ("fisher", self.plugin.importances)):
             for exp, per_exp in store.items():
@@ -85,6 +153,17 @@ class EWCLearner(AvalancheLearner):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not state:
+            return
+        if "native" in state:
+            self._native = True
+            self._experiences = int(state["experiences"])
+            self._saved.clear()
+            self._fisher.clear()
+            for key, tensor in state.items():
+                if key.startswith("native/"):
+                    _, kind, exp, name = key.split("/", 3)
+                    store = self._saved if kind == "params" else self._fisher
+                    store.setdefault(int(exp), {})[name] = tensor.clone()
             return
         from avalanche.training.utils import ParamData
 
