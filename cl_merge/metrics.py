@@ -27,16 +27,22 @@ def _T(matrix: Matrix) -> int:
     return T
 
 
-def acc(matrix: Matrix) -> float:
+def acc(matrix: Matrix) -> Optional[float]:
+    """Null cells (a task that could not be evaluated, e.g. MergeBench's safety domain without its gated
+    judge) are left out of the mean; None when the final row has no value at all."""
     T = _T(matrix)
-    return sum(matrix[T]) / T
+    values = [v for v in matrix[T] if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def bwt(matrix: Matrix) -> Optional[float]:
     T = _T(matrix)
     if T < 2:
         return None
-    return sum(matrix[T][i] - matrix[i + 1][i] for i in range(T - 1)) / (T - 1)
+    pairs = [(matrix[T][i], matrix[i + 1][i]) for i in range(T - 1)]
+    if any(a is None or b is None for a, b in pairs):  # a task that could not be evaluated
+        return None
+    return sum(a - b for a, b in pairs) / (T - 1)
 
 
 def fwt(matrix: Matrix) -> Optional[float]:
@@ -51,7 +57,8 @@ def fwt(matrix: Matrix) -> Optional[float]:
 
 def normalized_accuracy(matrix: Matrix, expert_acc: Sequence[float]) -> List[Optional[float]]:
     T = _T(matrix)
-    return [matrix[T][i] / expert_acc[i] if expert_acc[i] else None for i in range(T)]
+    return [matrix[T][i] / expert_acc[i] if (expert_acc[i] and matrix[T][i] is not None) else None
+            for i in range(T)]
 
 
 def mean_normalized_accuracy(matrix: Matrix, expert_acc: Sequence[float]) -> Optional[float]:

@@ -1,0 +1,1 @@
+"""MergeBench: continual merging of published LLM domain experts (see ``benchmark.py``)."""

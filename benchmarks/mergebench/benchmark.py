@@ -1,0 +1,205 @@
+"""``mergebench``: continual merging of MergeBench's published domain experts (He et al. 2025).
+
+Five experts, full fine-tunes of one base (``MergeBench/{base}_{domain}``), are folded in one at a time
+by the merger under the independent protocol with the ``checkpoint`` learner (pure continual merging).
+The stream's tasks are the domains; the seed paper's order (order 1) is instruction, math,
+multilingual, coding, safety; ``seed:N`` draws a permutation. Each cell of the accuracy matrix is a
+domain score (the mean of its tasks' scores, see ``evaluation.py`` and ``tasks.json``); the overall
+MergeBench score of a row is the mean of its domain scores, i.e. the run's ACC for the final row.
+
+Memory: the run streams (``cl_merge.streaming_protocol``): θ0 and the experts are read one tensor at a
+time from their safetensors, the deployed model and the merger state are written one tensor at a time
+into the run's checkpoint folder, and the only model in memory is the evaluated one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+from cl_merge.benchmark import Benchmark
+from cl_merge.errors import UserError
+from cl_merge.registry import register_benchmark
+from cl_merge.task import Stream, Task, take_prefix
+
+from . import checkpoints as C
+from .evaluation import EvalConfig, Evaluator, load_specs, summarize
+
+SEED_ORDER = ("instruction", "math", "multilingual", "coding", "safety")
+
+
+@dataclasses.dataclass
+class MergeBenchStream(Stream):
+    """The stream plus an evaluation log: every domain evaluation's per-task results, by phase."""
+
+    log: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    phase: Tuple[str, str] = ("", "")
+    settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def set_phase(self, phase: str, task: str) -> None:
+        self.phase = (phase, task)
+
+    def order_record(self) -> Dict[str, Any]:
+        return {"id": self.order, "domains": self.names}
+
+    def results_detail(self) -> Dict[str, Any]:
+        return {"mergebench": {"evaluations": self.log, **self.settings}}
+
+
+@register_benchmark
+@dataclasses.dataclass
+class MergeBenchBenchmark(Benchmark):
+    name = "mergebench"
+    description = ("MergeBench: continual merging of 5 published domain experts (instruction, math, multilingual, "
+                   "coding, safety) of Llama-3.2-3B / 3.1-8B / gemma-2 (-Instruct/-it); checkpoint learner, streamed")
+    streaming = True
+    default_order = 1
+
+    base: str = "Llama-3.2-3B"  # a MergeBench base name (its experts are MergeBench/{base}_{domain})
+    base_path: Optional[str] = None  # θ0 as a local folder or hub id (default: the base's hub id)
+    experts: Tuple[str, ...] = ()  # per-domain expert overrides: domain=PATH_OR_HUB_ID,...
+    expert_template: str = C.EXPERT_TEMPLATE
+    eval_tasks: Optional[str] = None  # a tasks.json of the same layout (default: the shipped MergeBench list)
+    include_path: Optional[str] = None  # extra lm-eval task folder (custom YAML tasks)
+    lm_eval_builtin_tasks: bool = True  # false: index only include_path (custom task lists; faster start)
+    limit: Optional[int] = None  # per evaluation task (smoke runs only; recorded)
+    apply_chat_template: bool = False  # lm-eval chat formatting (instruct bases)
+    max_length: int = 4096  # context budget of generation (prompt + new tokens)
+    max_new_tokens: int = 512  # coding and safety generations
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    safety_data: Optional[str] = None  # folder with wildguardtest/harmbench/do_anything_now/xstest .jsonl
+    safety_judge: str = "allenai/wildguard"  # the judge model (gated on the hub) or a local folder
+    evalplus_data: Optional[str] = None  # folder with HumanEvalPlus.jsonl / MbppPlus.jsonl (else EvalPlus' cache)
+    store_dtype: Literal["float32", "bfloat16"] = "float32"  # deployed model / merger state files
+    merge_device: Optional[str] = None  # where a tensor's merge math runs (default: the run's device)
+    expert_eval_full: bool = True  # evaluate an expert with all its tensors (embeddings/LM head too)
+    save_merged: Optional[str] = None  # copy the final deployed tensors (merged parameters) to this file
+
+    def __post_init__(self):
+        if self.num_tasks is not None and not 2 <= self.num_tasks <= len(SEED_ORDER):
+            raise ValueError(f"num_tasks must be between 2 and {len(SEED_ORDER)}; got {self.num_tasks}")
+        if self.base not in C.BASES and not self.base_path:
+            raise ValueError(f"unknown base {self.base!r}; known: {', '.join(C.BASES)} (or give base_path)")
+        self._experts = C.parse_pairs(self.experts, SEED_ORDER, "experts")
+        self._specs = load_specs(self.eval_tasks)
+        unknown = sorted(set(self._specs) - set(SEED_ORDER))
+        missing = [d for d in SEED_ORDER if d not in self._specs]
+        if unknown or missing:
+            raise ValueError(f"evaluation task list must cover exactly the domains {', '.join(SEED_ORDER)} "
+                             f"(missing: {missing or 'none'}, unknown: {unknown or 'none'})")
+        self._base_dir: Optional[Path] = None
+        self._evaluator: Optional[Evaluator] = None
+        self._device = "cpu"
+
+    # ---- orders -------------------------------------------------------------------------------------
+    def orders(self) -> List[Any]:
+        return [1]
+
+    def resolve_order(self, order: Any) -> Any:
+        text = str(order)
+        if text == "1":
+            return 1
+        if text.startswith("seed:") and text[5:].lstrip("-").isdigit():
+            return f"seed:{int(text[5:])}"
+        raise UserError(f"unknown order '{order}' for mergebench; use 1 (instruction, math, multilingual, coding, "
+                        "safety) or seed:N (a random permutation)")
+
+    @staticmethod
+    def order_domains(order: Any) -> List[str]:
+        if str(order) == "1":
+            return list(SEED_ORDER)
+        domains = list(SEED_ORDER)
+        random.Random(int(str(order)[5:])).shuffle(domains)
+        return domains
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def base_ref(self) -> str:
+        return self.base_path or C.BASES[self.base]
+
+    def base_dir(self) -> Path:
+        if self._base_dir is None:
+            self._base_dir = C.resolve(self.base_ref(), "base model")
+        return self._base_dir
+
+    def expert_ref(self, domain: str) -> str:
+        return self._experts.get(domain) or self.expert_template.format(base=self.base, domain=domain)
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def build_model(self, cache_dir: Path, device: str, eval_batch_size: int):
+        from cl_merge.models.hf_causal_lm import CausalLMAdapter, load_causal_lm
+
+        self._device = device
+        path = self.base_dir()
+        model, tokenizer = load_causal_lm(str(path), device=device, local_files_only=True)
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if str(device).startswith("cuda") else "fp32"
+        return CausalLMAdapter(model, tokenizer, model_id=f"hf:{self.base_ref()}", device=device,
+                               max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+                               eval_batch_size=eval_batch_size, precision=precision)
+
+    def evaluator(self, eval_batch_size: int = 8) -> Evaluator:
+        if self._evaluator is None:
+            config = EvalConfig(batch_size=eval_batch_size, limit=self.limit, include_path=self.include_path,
+                                builtin_tasks=self.lm_eval_builtin_tasks,
+                                apply_chat_template=self.apply_chat_template, max_new_tokens=self.max_new_tokens,
+                                safety_data=self.safety_data, safety_judge=self.safety_judge,
+                                evalplus_data=self.evalplus_data)
+            self._evaluator = Evaluator(config, self._specs)
+        return self._evaluator
+
+    # ---- stream ---------------------------------------------------------------------------------------
+    def build_stream(self, order: Any, seed: int) -> MergeBenchStream:
+        domains = take_prefix(self.order_domains(order), self.num_tasks)
+        stream = MergeBenchStream(benchmark=self.name, tasks=[], order=order, seed=seed)
+        stream.settings = {"base": self.base_ref(), "limit": self.limit,
+                           "eval_tasks": {d: [s.name for s in self._specs[d]] for d in domains},
+                           "experts": {d: self.expert_ref(d) for d in domains},
+                           "conventions": {"domain_score": "mean of the domain's task scores (tasks that ran)",
+                                           "overall": "mean of the domain scores (= acc for the final row)",
+                                           "lower_is_better": "rates inverted to 1 - rate; raw kept, inverted=true"}}
+
+        def evaluate(adapter, task: Task, split: str) -> Optional[float]:
+            evaluator = self.evaluator(getattr(adapter, "eval_batch_size", 8))
+            results = evaluator.evaluate_domain(adapter, task.name)
+            summary = summarize({task.name: results})
+            stream.log.append({"phase": stream.phase[0], "domain": task.name,
+                               "score": summary["domains"][task.name], "complete": summary["complete"],
+                               "tasks": summary["tasks"][task.name]})
+            return summary["domains"][task.name]
+
+        for d in domains:
+            fp = hashlib.sha256(f"{self.base_ref()}|{d}|{[s.name for s in self._specs[d]]}|{self.limit}".encode())
+            stream.tasks.append(Task(name=d, classnames=(), templates=(), train=[], val=[], test=[],
+                                     fingerprint=fp.hexdigest(), evaluator=evaluate,
+                                     metadata={"expert_checkpoint": self.expert_ref(d), "domain": d}))
+        return stream
+
+    # ---- the run loop -----------------------------------------------------------------------------------
+    def run_stream(self, *, stream, adapter, learner, merger, protocol, checkpointer, resume, reporter,
+                   settings) -> Dict[str, Any]:
+        from cl_merge.streaming_protocol import run_streaming_protocol
+
+        record = run_streaming_protocol(
+            stream=stream, adapter=adapter, learner=learner, merger=merger, protocol=protocol,
+            checkpointer=checkpointer, resume=resume, reporter=reporter, base_path=self.base_dir(),
+            eval_unseen=settings.eval_unseen, sar=settings.sar, sar_energy=settings.sar_energy,
+            store_dtype=self.store_dtype, merge_device=self.merge_device or self._device,
+            expert_eval_full=self.expert_eval_full)
+        rows = record["acc_matrix"]
+        stream.settings["overall_per_row"] = [_mean([v for v in row if v is not None]) for row in rows]
+        stream.settings["streaming"] = record.get("streaming")
+        stream.settings["mergeable_bytes"] = record.get("mergeable_bytes")
+        if self.save_merged and record.get("deployed_path"):
+            import shutil
+
+            Path(self.save_merged).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record["deployed_path"], Path(self.save_merged).expanduser())
+        return record
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
