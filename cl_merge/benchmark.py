@@ -31,3 +31,8 @@ class Benchmark(Component):
 
     def build_stream(self, order: Any, seed: int) -> Stream:
         raise NotImplementedError
+
+    def task_names(self, order: Any) -> Optional[List[str]]:
+        """The stream's task names in order, without loading data, or None if only ``build_stream``
+        knows them. The Ray engine plans shared experts from these names before anything runs."""
+        return None

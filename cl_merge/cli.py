@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--csv", type=Path, help="write the CSV leaderboard here (default: the grid's)")
     lb.add_argument("--reference", type=Path, help="the SAIM Table 1 CSV (default: results/reference/…)")
     lb.add_argument("--quiet", action="store_true", help="no live progress inside runs")
+    lb.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: one run after another in this process (default); ray: every run a Ray task "
+                         "with the grid's [ray] resources, shared experts trained once (pip install -e \".[ray]\")")
+    lb.add_argument("--address", help="with --engine ray: the cluster to join (auto, ray://HOST:10001, HOST:6379); "
+                                      "default: RAY_ADDRESS, else a new local Ray instance")
 
     pl = sub.add_parser("plot", help="analysis figures (PNG): matrix, curves, delta-hist, disentanglement")
     kinds = pl.add_subparsers(dest="kind", required=True)
@@ -201,9 +206,11 @@ def cmd_leaderboard(args) -> int:
     from . import leaderboard as lb
     from .io import write_text_atomic
 
+    if args.address and args.engine != "ray":
+        raise UserError("--address is for --engine ray; add --engine ray or drop --address")
     grid = lb.load_grid(args.config)
     configs = lb.expand(grid)  # every name and override is checked before anything runs
-    reference = None
+    reference, failed = None, {}
     if any(c.benchmark in lb.REFERENCE_BENCHMARKS for c in configs):
         if args.reference or lb.REFERENCE_TABLE.exists():
             reference = lb.load_reference(args.reference or lb.REFERENCE_TABLE)
@@ -219,10 +226,21 @@ def cmd_leaderboard(args) -> int:
         from .results import ensure_results_dir
 
         ensure_results_dir(grid.out)
-        counts = lb.run_grid(configs, grid.out, progress=not args.quiet, console=out)
-        out.print(f"{len(configs)} runs: {counts['ran']} ran now, {counts['finished_before']} had finished earlier "
-                  f"(results in {grid.out})", highlight=False)
+        if args.engine == "ray":
+            from . import ray_engine
+
+            outcome = ray_engine.run_grid(configs, grid.out, resources=grid.ray, address=args.address,
+                                          progress=not args.quiet, console=out, where=f"grid {args.config}")
+            counts, failed = outcome.counts, outcome.failed
+            _ray_summary(outcome)
+        else:
+            counts = lb.run_grid(configs, grid.out, progress=not args.quiet, console=out)
+        out.print(f"{len(configs)} runs: {counts['ran']} ran now, {counts['finished_before']} had finished earlier"
+                  + (f", {counts['failed']} failed" if counts.get("failed") else "")
+                  + f" (results in {grid.out})", highlight=False)
     results, missing = lb.collect(configs, grid.out)
+    if not results and failed:
+        raise _GridFailed(f"all {len(failed)} runs that ran failed (errors above); nothing to report")
     if not results:
         raise UserError(f"no results for any of the {len(configs)} runs of {args.config} under {grid.out}; "
                         "run it without --report-only")
@@ -239,7 +257,34 @@ def cmd_leaderboard(args) -> int:
     if csv_path:
         write_text_atomic(csv_path, lb.csv_text(rows))
         out.print(f"csv: {csv_path}")
+    if failed:
+        err.print(f"cl-merge: {len(failed)} of {len(configs)} runs failed (each error above, once); fix them and "
+                  "rerun the same command: finished runs are skipped", markup=False, highlight=False)
+        return 1
     return 0
+
+
+class _GridFailed(Exception):
+    """Every run that ran failed: exit code 1 (the errors are already printed)."""
+
+
+def _ray_summary(outcome) -> None:
+    for run_id, error in outcome.failed.items():
+        n = outcome.attempts.get(run_id, 0)
+        err.print(f"cl-merge: run {run_id} failed after {n} attempt{'' if n == 1 else 's'}: {error}",
+                  markup=False, highlight=False, soft_wrap=True)
+    for run_id, step in outcome.resumed.items():
+        out.print(f"{run_id}: resumed from its step-{step} checkpoint "
+                  f"({outcome.attempts.get(run_id, 1)} attempts)", highlight=False)
+    if outcome.experts_planned:
+        saved = outcome.expert_uses - outcome.experts_planned
+        out.print(f"shared experts: {outcome.experts_planned} distinct for {outcome.expert_uses} run steps "
+                  f"({outcome.experts_trained} trained now, {outcome.experts_cached} already cached, "
+                  f"{len(outcome.experts_failed)} failed; {saved} trainings saved by sharing)"
+                  + (f"; {outcome.trained_in_runs} trained inside runs (not planned)" if outcome.trained_in_runs else ""),
+                  highlight=False)
+    if outcome.ran or outcome.failed:
+        out.print(f"Ray engine wall time {outcome.wall_s:.1f} s", highlight=False)
 
 
 def cmd_plot(args) -> int:
@@ -299,6 +344,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         err.print(f"cl-merge: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
+    except _GridFailed as exc:
+        err.print(f"cl-merge: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         err.print("cl-merge: interrupted; rerun with --resume to continue from the last finished step")
         return 130

@@ -14,6 +14,11 @@ The grid is a TOML file (paths are relative to the file)::
     csv = "mini/leaderboard.csv"
     title = "mini suite"
 
+    [ray]                           # only for `--engine ray` (cl_merge.ray_engine); all optional
+    num_cpus = 1                    # CPUs per run (and per shared-expert training)
+    num_gpus = 0.25                 # GPUs per run; fractions pack several runs on one device
+    max_retries = 3                 # re-runs after a worker/node died (a run's own error: never)
+
     [[runs]]                        # more entries: a strategy with its own overrides, or any
     learner = "adam"                # learner x merger (x protocol) combination
     merger = "swa"
@@ -24,7 +29,7 @@ The grid is a TOML file (paths are relative to the file)::
 (every name and override is checked before anything runs), ``run_grid`` executes the missing ones
 (``runner.execute(..., resume=True)``: a finished run's result file is reused, a killed run continues
 from its checkpoint), ``aggregate`` groups result dicts into leaderboard rows. Executors other than
-the local loop only need ``expand``.
+the local loop only need ``expand`` (and ``Grid.ray`` for the Ray engine's resources).
 
 Aggregation: one row per (benchmark, strategy, protocol, T, hyperparameters); ACC, BWT, SAR at the
 final step and normalized ACC as mean ± sample standard deviation (n − 1) over the group's runs
@@ -61,7 +66,9 @@ REFERENCE_ALIASES = {"magmax-ind": "magmax", "magmax_ind": "magmax", "c-magmax":
                      "ties": "c-ties", "c_ties": "c-ties", "c_ta": "c-ta", "c_ft": "c-ft"}
 
 _TOP_KEYS = {"benchmark", "strategies", "runs", "orders", "seeds", "num_tasks", "overrides", "out",
-             "markdown", "csv", "title"}
+             "markdown", "csv", "title", "ray"}
+# [ray] table: resources per run and retries after worker death (the local runner ignores it)
+RAY_DEFAULTS = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3}
 _RUN_KEYS = {"strategy", "learner", "merger", "protocol", "overrides"}
 
 
@@ -88,6 +95,7 @@ class Grid:
     csv: Optional[Path] = None
     title: Optional[str] = None
     source: Optional[Path] = None
+    ray: Dict[str, Any] = dataclasses.field(default_factory=lambda: dict(RAY_DEFAULTS))
 
 
 def _where(source: Optional[Path]) -> str:
@@ -109,6 +117,26 @@ def _int_list(value: Any, key: str, where: str, allow_none: bool = False) -> Lis
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise UserError(f"{where}: '{key}' must be a non-empty list of integers, e.g. {key} = [0, 1]")
     return list(value)
+
+
+def _ray_table(value: Any, where: str) -> Dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: 'ray' must be a table ([ray] with num_cpus, num_gpus, max_retries)")
+    bad = sorted(set(value) - set(RAY_DEFAULTS))
+    if bad:
+        raise UserError(f"{where}: [ray] has unknown key '{bad[0]}'; known: {', '.join(sorted(RAY_DEFAULTS))}")
+    out = dict(RAY_DEFAULTS)
+    for key, v in value.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if key == "max_retries" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise UserError(f"{where}: [ray] max_retries must be an integer >= 0, e.g. max_retries = 3; got {v!r}")
+        if key == "num_cpus" and not (number and v > 0):
+            raise UserError(f"{where}: [ray] num_cpus must be a number > 0, e.g. num_cpus = 1; got {v!r}")
+        if key == "num_gpus" and not (number and v >= 0 and (v <= 1 or float(v).is_integer())):
+            raise UserError(f"{where}: [ray] num_gpus must be a fraction in [0, 1] or a whole number, "
+                            f"e.g. num_gpus = 0.5; got {v!r}")
+        out[key] = v
+    return out
 
 
 def parse_grid(data: Dict[str, Any], base_dir: Path = Path("."), source: Optional[Path] = None) -> Grid:
@@ -180,7 +208,7 @@ def parse_grid(data: Dict[str, Any], base_dir: Path = Path("."), source: Optiona
     return Grid(benchmark=benchmark, entries=entries, orders=orders, seeds=seeds, num_tasks=num_tasks,
                 overrides=_str_list(data.get("overrides", []), "overrides", where),
                 out=path("out", "runs"), markdown=path("markdown", None), csv=path("csv", None),
-                title=title, source=source)
+                title=title, source=source, ray=_ray_table(data.get("ray", {}), where))
 
 
 def load_grid(path: Path) -> Grid:

@@ -62,10 +62,16 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
         # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
         sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
                if settings.sar else None)
-        record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
-                              merger=merger, protocol=config.protocol, seed=config.seed,
-                              eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
-                              cache=cache, reporter=reporter, sar=sar)
+        if getattr(benchmark, "streaming", False):
+            # states on disk, merged layer by layer (cl_merge.streaming_protocol; e.g. mergebench)
+            record = benchmark.run_stream(stream=stream, adapter=adapter, learner=learner, merger=merger,
+                                          protocol=config.protocol, checkpointer=checkpointer, resume=resume,
+                                          reporter=reporter, settings=settings)
+        else:
+            record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
+                                  merger=merger, protocol=config.protocol, seed=config.seed,
+                                  eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
+                                  cache=cache, reporter=reporter, sar=sar)
     result = assemble(config, stream.names, adapter.model_id, record, device,
                       setup_s=setup_s, wall_s=time.perf_counter() - t_start)
     if hasattr(stream, "order_record"):  # generated orders: the explicit permutation

@@ -62,11 +62,14 @@ class MiniBenchmark(Benchmark):
     def build_task(self, name: str) -> Task:
         return _build_task(name, self.n_train, self.n_val, self.n_test, self.data_seed)
 
-    def build_stream(self, order: Any, seed: int) -> Stream:
+    def task_names(self, order: Any) -> List[str]:
         orders = task_orders()
         if str(order) not in orders:
             raise UserError(f"unknown order '{order}' for mini; known: {', '.join(orders)}")
-        names = take_prefix(orders[str(order)], self.num_tasks)
+        return take_prefix(orders[str(order)], self.num_tasks)
+
+    def build_stream(self, order: Any, seed: int) -> Stream:
+        names = self.task_names(order)
         return Stream(benchmark=self.name, tasks=[self.build_task(n) for n in names], order=order, seed=seed)
 
 

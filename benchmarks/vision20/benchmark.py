@@ -191,6 +191,10 @@ class Vision20Benchmark(Benchmark):
         return Task(name=spec.name, classnames=spec.classnames, templates=spec.templates, train=train,
                     val=splits["val"], test=splits["test"], fingerprint=fingerprint, metadata=metadata)
 
+    def task_names(self, order: Any) -> List[str]:
+        specs = {s.id: s for s in task_specs()}
+        return [specs[i].name for i in take_prefix(order_permutation(canonical_order(order)), self.num_tasks)]
+
     def build_stream(self, order: Any, seed: int) -> Vision20Stream:
         order = canonical_order(order)
         permutation = order_permutation(order)
