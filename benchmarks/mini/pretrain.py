@@ -32,8 +32,8 @@ CONFIG_DIR = HERE / "model_config"
 WEIGHTS_FILE = HERE / "weights" / f"{MODEL_NAME}.safetensors"
 
 # Defaults of the shipped weights (see weights/cl-merge-mini-vit.json for the recorded run).
-DEFAULT_STEPS = 900
-DEFAULT_BATCH_SIZE = 256
+DEFAULT_STEPS = 4000
+DEFAULT_BATCH_SIZE = 128
 DEFAULT_CORPUS = 40_000
 DEFAULT_LR = 2e-3
 DEFAULT_WEIGHT_DECAY = 0.1
