@@ -123,7 +123,7 @@ class GradientLearner(Learner):
             scheduler.step()
             self.after_update(ctx)
             if ctx.on_iteration is not None:
-                ctx.on_iteration(ctx.iteration + 1, float(loss))
+                ctx.on_iteration(ctx.iteration + 1, float(loss.detach()))
         self.after_training_exp(ctx)
         ctx.optimizer.zero_grad(set_to_none=True)
         return adapter.get_state()
