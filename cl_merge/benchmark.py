@@ -36,3 +36,27 @@ class Benchmark(Component):
         """The stream's task names in order, without loading data, or None if only ``build_stream``
         knows them. The Ray engine plans shared experts from these names before anything runs."""
         return None
+
+
+def fixed_or_seeded_order(order: Any, benchmark: str, fixed_hint: str) -> Any:
+    """Canonical id of an order that is either 1 (the benchmark's own order) or ``seed:N`` (a seeded
+    permutation of it); one clear error otherwise."""
+    text = str(order)
+    if text == "1":
+        return 1
+    if text.startswith("seed:") and text[5:].lstrip("-").isdigit():
+        return f"seed:{int(text[5:])}"
+    from .errors import UserError
+
+    raise UserError(f"unknown order '{order}' for {benchmark}; use 1 ({fixed_hint}) or seed:N (a random permutation)")
+
+
+def permuted(names: List[str], order: Any) -> List[str]:
+    """``names`` in a canonical order from ``fixed_or_seeded_order``: as listed for 1, else shuffled
+    with ``random.Random(N)`` (stable across runs and machines)."""
+    import random
+
+    names = list(names)
+    if order != 1:
+        random.Random(int(str(order)[5:])).shuffle(names)
+    return names

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import random
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-from cl_merge.benchmark import Benchmark
-from cl_merge.errors import UserError
+from cl_merge.benchmark import Benchmark, fixed_or_seeded_order, permuted
 from cl_merge.registry import register_benchmark
 from cl_merge.task import Stream, Task, take_prefix
 
@@ -99,21 +97,11 @@ class MergeBenchBenchmark(Benchmark):
         return [1]
 
     def resolve_order(self, order: Any) -> Any:
-        text = str(order)
-        if text == "1":
-            return 1
-        if text.startswith("seed:") and text[5:].lstrip("-").isdigit():
-            return f"seed:{int(text[5:])}"
-        raise UserError(f"unknown order '{order}' for mergebench; use 1 (instruction, math, multilingual, coding, "
-                        "safety) or seed:N (a random permutation)")
+        return fixed_or_seeded_order(order, "mergebench", "instruction, math, multilingual, coding, safety")
 
     @staticmethod
     def order_domains(order: Any) -> List[str]:
-        if str(order) == "1":
-            return list(SEED_ORDER)
-        domains = list(SEED_ORDER)
-        random.Random(int(str(order)[5:])).shuffle(domains)
-        return domains
+        return permuted(SEED_ORDER, fixed_or_seeded_order(order, "mergebench", "the seed's order"))
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def base_ref(self) -> str:

@@ -18,11 +18,10 @@ mergers as the vision suites.
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-from cl_merge.benchmark import Benchmark
+from cl_merge.benchmark import Benchmark, fixed_or_seeded_order, permuted
 from cl_merge.errors import UserError
 from cl_merge.registry import register_benchmark
 from cl_merge.task import Stream, Task, take_prefix
@@ -144,19 +143,10 @@ class TraceBenchmark(Benchmark):
         return [1]
 
     def resolve_order(self, order: Any) -> Any:
-        text = str(order)
-        if text == "1":
-            return 1
-        if text.startswith("seed:") and text[5:].isdigit():
-            return f"seed:{int(text[5:])}"
-        raise UserError(f"unknown order '{order}' for trace; use 1 (the setting's order) or seed:N (a permutation)")
+        return fixed_or_seeded_order(order, "trace", "the setting's order")
 
     def ordered_names(self, order: Any) -> List[str]:
-        names = self.setting_names()
-        order = self.resolve_order(order)
-        if order != 1:
-            random.Random(int(str(order)[5:])).shuffle(names)
-        return names
+        return permuted(self.setting_names(), self.resolve_order(order))
 
     # ---- model and stream ---------------------------------------------------------------------
     def build_model(self, cache_dir: Path, device: str, eval_batch_size: int):
