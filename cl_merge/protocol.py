@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import Checkpointer, load_optional
 from .expert_cache import ExpertCache, expert_key
@@ -35,10 +35,14 @@ def fit_seed(seed: int, task: Task, step: int, protocol: str) -> int:
 
 
 def evaluate_row(adapter: ModelAdapter, tasks: List[Task], seen: int, eval_unseen: bool,
-                 reporter: Reporter, label: str) -> List[Optional[float]]:
+                 reporter: Reporter, label: str,
+                 before_task: Optional[Callable[[Task], None]] = None) -> List[Optional[float]]:
+    """One row of the accuracy matrix; ``before_task`` runs before each task's evaluation."""
     row: List[Optional[float]] = []
     with reporter.task(label, total=len(tasks)) as bar:
         for i, task in enumerate(tasks, start=1):
+            if before_task is not None:
+                before_task(task)
             row.append(adapter.evaluate(task) if (i <= seen or eval_unseen) else None)
             bar.advance()
     return row

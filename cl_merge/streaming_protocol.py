@@ -27,6 +27,7 @@ from .errors import UserError
 from .merger import Merger
 from .params import is_matrix
 from .progress import Reporter
+from .protocol import evaluate_row as protocol_row
 from .sar import layer_sar, top_basis
 from .streaming import LiveTensors, TensorSource
 from .streaming_merge import MergeStep, stream_merge
@@ -78,13 +79,8 @@ def run_streaming_protocol(*, stream: Stream, adapter, learner, merger: Merger, 
                             label=f"base {base_path}")
 
     def evaluate_row(label: str, seen: int) -> List[Optional[float]]:
-        row: List[Optional[float]] = []
-        with reporter.task(label, total=T) as bar:
-            for i, task in enumerate(tasks, start=1):
-                _set_phase(stream, label, task.name)
-                row.append(adapter.evaluate(task) if (i <= seen or eval_unseen) else None)
-                bar.advance()
-        return row
+        return protocol_row(adapter, tasks, seen, eval_unseen, reporter, label,
+                            before_task=lambda task: _set_phase(stream, label, task.name))
 
     resumed = load_optional(checkpointer, resume)
     if resumed is not None:
