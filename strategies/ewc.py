@@ -14,7 +14,10 @@ Defaults and where they come from:
   means are small, so published λ span 1 to 10⁴: 1 in Avalanche's continual-learning-baselines
   Permuted MNIST, 90 Mammoth seq-MNIST, 1000 common Mammoth online-EWC runs, 5000 FACIL). 1000 was
   chosen by measurement on the mini suite (benchmarks/perf/ewc_er_mini.py): the smallest of these
-  values that clearly reduces forgetting relative to C-FT with the mini defaults.
+  values that clearly reduces forgetting relative to C-FT with the mini defaults. Re-measured on the
+  current mini suite (order 1, 9 tasks x 100 steps, lr 3e-4; ACC / BWT in %): C-FT 69.3 / −19.0;
+  λ = 1000: 74.6 / −13.5; 10⁴: 72.9 / −13.4; 10⁵: 72.9 / −2.3 (forgets least, learns least).
+  1000 keeps the best ACC.
 
 Causal LMs (adapters without classifier logits): Avalanche's template cannot carry the answer-token
 loss, so the same method runs natively (``fit_native`` + the hooks below): the penalty

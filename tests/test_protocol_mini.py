@@ -93,9 +93,6 @@ def test_seen_only_evaluation_leaves_unseen_cells_null(tmp_path, fast_overrides)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known shortfall of the shipped mini pre-training: zero-shot is at "
-                   "chance on digit, texture and position (see issue 2 note); strict, so this marker must go once "
-                   "the mini suite meets its targets")
 def test_mini_suite_shows_the_phenomena_the_harness_measures(tmp_path):
     """Defaults of the mini suite: zero-shot above chance on every task, experts well above
     zero-shot, and clear forgetting under continual fine-tuning."""

@@ -42,7 +42,7 @@ def to_tensor(images: np.ndarray, mean, std) -> torch.Tensor:
 class MiniBenchmark(Benchmark):
     name = "mini"
     description = "offline generated suite + tiny pre-trained CLIP (the demo/test default)"
-    train_defaults = {"steps": 100, "batch_size": 32, "lr": 1e-3}
+    train_defaults = {"steps": 100, "batch_size": 32, "lr": 3e-4}
     default_order = 1
 
     n_train: int = 512

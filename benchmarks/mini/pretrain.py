@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import cl_merge.torchvision_shim  # noqa: F401  (must precede the open_clip import)
 import open_clip
 
-from .data import ATTRIBUTES, TASK_ATTRIBUTE, TASKS, pretrain_corpus_with_meta
+from .data import ATTRIBUTE_PROMPTS, ATTRIBUTES, pretrain_corpus_with_meta
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "cl-merge-mini-vit"
@@ -153,10 +153,10 @@ def pretrain(
         uniq, caption_ids = np.unique(np.array(captions, dtype=object).astype(str), return_inverse=True)
         tokens_uniq = tokenizer(list(uniq))
         caption_ids = torch.from_numpy(caption_ids.astype(np.int64))
-        # every task prompt (task x class x template), for the extra prompt captions
+        # every attribute prompt (attribute x class x template), for the extra prompt captions
         prompts, prompt_attr, prompt_offset, prompt_ntpl = [], [], [], []
-        for spec in TASKS:
-            prompt_attr.append(ATTRIBUTES.index(TASK_ATTRIBUTE[spec.name]))
+        for spec in ATTRIBUTE_PROMPTS:
+            prompt_attr.append(ATTRIBUTES.index(spec.name))
             prompt_offset.append(len(prompts))
             prompt_ntpl.append(len(spec.templates))
             prompts += [t.format(c) for c in spec.classnames for t in spec.templates]
@@ -204,7 +204,7 @@ def pretrain(
                 tokens, s_cap, m_cap = [tokens_uniq[caption_ids[idx]]], [s_img], [mentions[idx]]
                 for _ in range(prompt_captions):
                     # one extra caption per image: a task prompt about one of its attributes
-                    task = torch.randint(len(TASKS), (len(idx),), generator=gen)
+                    task = torch.randint(len(ATTRIBUTE_PROMPTS), (len(idx),), generator=gen)
                     template = torch.randint(1 << 30, (len(idx),), generator=gen)
                     attr = prompt_attr[task]
                     cls = s_img.gather(1, attr[:, None])[:, 0]
