@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--strategies", nargs="*", help="default: all registered strategies")
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--jobs", type=int, default=None,
+                   help="worker processes running strategies side by side (default: 2 when the machine has "
+                        "2+ cores, else 1); 1 shows each run's live progress")
 
     lb = sub.add_parser("leaderboard", help="run a grid (strategies x orders x task counts), skipping finished "
                                             "runs, then report mean ± std over orders")
@@ -181,19 +185,42 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from . import report
     from .config import resolve
+    from .report import matrix_table
     from .io import write_text_atomic
     from .registry import STRATEGIES
     from .runner import execute
 
     names = args.strategies or STRATEGIES.names()
-    results = []
-    for name in names:
-        # one intra-op thread: the mini model is too small to gain from more (results do not depend on it)
-        config = resolve("mini", strategy=name, order=args.order, seed=args.seed, overrides=["run.threads=1"])
-        out.rule(f"{name}")
-        result, path = execute(config, out_dir=args.out, progress=not args.quiet)
-        _summary(result, path)
-        results.append(result)
+    # one intra-op thread per run: the mini model is too small to gain from more (results do not depend on it)
+    configs = [resolve("mini", strategy=name, order=args.order, seed=args.seed, overrides=["run.threads=1"])
+               for name in names]
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if jobs == 1 or len(configs) == 1:
+        results = []
+        for config in configs:
+            out.rule(config.label)
+            result, path = execute(config, out_dir=args.out, progress=not args.quiet)
+            out.print(matrix_table(result))
+            _summary(result, path)
+            results.append(result)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .demo import run_parallel
+
+        columns = [TextColumn(f"mini suite, {len(configs)} strategies in {jobs} processes"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=out, disable=args.quiet) as bar:
+            job = bar.add_task("demo", total=len(configs))
+
+            def finished(result, path):
+                out.print(matrix_table(result))
+                _summary(result, path)
+                bar.advance(job)
+
+            results = run_parallel(configs, args.out, jobs, finished)
     rows = report.rows(results)
     out.print(report.rich_table(rows, title="mini suite (ACC/BWT/FWT in %)"))
     write_text_atomic(args.out / "leaderboard.md", report.markdown(rows))

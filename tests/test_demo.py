@@ -1,0 +1,31 @@
+"""The demo's worker processes: grouping by shared experts, and the same results as one process."""
+
+from _settings import FAST
+
+from cl_merge.config import resolve
+from cl_merge.demo import plan_groups, run_parallel
+from cl_merge.results import strip_volatile
+from cl_merge.runner import execute
+
+
+def test_strategies_sharing_independent_experts_run_in_one_group_in_listing_order():
+    names = ["c-ft", "c-ta", "saim", "swa", "ewc", "magmax"]
+    configs = [resolve("mini", strategy=n) for n in names]
+    groups = [[names[i] for i in g] for g in plan_groups(configs)]
+    assert sorted(map(sorted, groups)) == sorted([["c-ft"], ["c-ta", "magmax", "swa"], ["saim"], ["ewc"]])
+    assert ["c-ta", "swa", "magmax"] in groups  # the first of the group trains, the others read the cache
+    assert groups[0] == ["ewc"]  # the costliest group (by learner cost) starts first
+    # a changed learner hyperparameter means other experts: its own group
+    other = resolve("mini", strategy="swa", overrides=["learner.lr=1e-4"])
+    assert len(plan_groups([configs[1], other])) == 2
+
+
+def test_worker_processes_give_the_results_of_one_process(tmp_path):
+    configs = [resolve("mini", strategy=n, overrides=FAST + ["run.threads=1"]) for n in ("c-ta", "swa", "c-ft")]
+    seen = []
+    parallel = run_parallel(configs, tmp_path / "parallel", jobs=2, on_result=lambda r, p: seen.append(p))
+    assert sorted(p.name for p in seen) == sorted(p.name for p in (tmp_path / "parallel").glob("*.json"))
+    assert [r["strategy"] for r in parallel] == ["c-ta", "swa", "c-ft"]
+    assert parallel[1]["expert_source"] == ["cache"] * 3  # swa reused c-ta's experts
+    single = [execute(c, out_dir=tmp_path / "single", progress=False)[0] for c in configs]
+    assert [strip_volatile(r) for r in parallel] == [strip_volatile(r) for r in single]
