@@ -19,6 +19,17 @@ where TIES trims each row of the stacked matrix (each row is one whole flattened
 top-k, elects per element the sign of the sum of the trimmed rows, and sums the entries that agree
 with the elected sign ("disjoint sum"). Adding it to ``previous`` counts M_{t−1} twice (once in
 ``previous``, once inside TIES); that is the peer's behaviour, kept as such. α defaults to 0.5.
+Checked against FusionBench ``fusion_bench/method/opcm/ties_merging.py`` (``merged_model`` starts as a
+copy of the pretrained model; step 0 uses the raw task vector; later steps stack
+``merged_model − pretrained`` and ``task_model − pretrained``, call ``ties_merging(..., reset_thresh=20,
+merge_func="sum")`` and set ``merged_param + scaling_factor · ties_merging_state_dict``) and
+``fusion_bench/method/ties_merging/ties_merging_utils.py`` (``topk_values_mask`` with K = 20 → 0.2 per row,
+``resolve_sign`` with the majority rule for zero sums, ``disjoint_merge`` "sum"). FusionBench's τ_t is
+θ_t − θ0; here it is expert − start, the same thing under the ``independent`` protocol of ``c-ties-fb``.
+Consequence: on the support of Trim(M_{t−1}) where the elected sign is M's own (almost everywhere, since |M|
+dominates), M_t = (1 + α) M_{t−1} + α·(agreeing part of Trim τ_t); the top entries stay on top, so ‖M_t‖
+grows about 1.5× per step (≈ 0.5·1.5^(T−1) ≈ 12.8 ‖τ‖ after 9 tasks, against ≈ 0.9 ‖τ‖ for task
+arithmetic with α = 0.3), and the earliest tasks dominate; the model drifts far from θ0 on long streams.
 
 Trim rule (both variants; the TIES reference code's ``topk_values_mask``): over d entries,
 threshold = the (d − ⌊k·d⌋)-th smallest |x|, keep |x| ≥ threshold; so ⌊k·d⌋ + 1 entries survive plus
