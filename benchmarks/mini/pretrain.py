@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -47,10 +48,23 @@ def register_config() -> None:
         open_clip.add_model_config(CONFIG_DIR / f"{MODEL_NAME}.json")
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns that a model built with ``pretrained=None`` is randomly initialised; every caller
+    here loads the shipped weights next (or pre-trains), so the line would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_model() -> open_clip.CLIP:
     """A randomly initialised model of the mini architecture (fp32, CPU)."""
     register_config()
-    return open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(MODEL_NAME, pretrained=None, device="cpu")
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def load_tokenizer():
