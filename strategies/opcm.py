@@ -22,7 +22,29 @@ Exact shortcut: only P's k×k leading block (k = min(m, n)) is ever zeroed, so w
 (U_k, S, V_k)
     τ̃ = τ − U_k Q V_kᵀ,  Q = diag(d) with Q[:r, :r] = U_rᵀ τ V_r,  d_i = u_iᵀ τ v_i,
 which equals the full-SVD formula without forming the m×m / n×n bases (U_⊥, V_⊥ only multiply blocks
-that are kept). Wide matrices are transposed first (cheaper SVD; the rule is symmetric under it).
+that are kept). Wide matrices are transposed first (the rule is symmetric under it), so m ≥ n = k.
+
+No SVD is computed: V and S² come from the eigendecomposition of the n×n Gram matrix G = MᵀM (sorted
+descending), and U = M V S⁻¹. With C = Mᵀτ and K = Vᵀ C V, u_iᵀ τ v_j = K_ij / σ_i, hence
+    τ̃ = τ − M (V X Vᵀ),  X = S⁻¹Q:  X_ii = K_ii / σ_i²,  X_ij = K_ij / σ_i² inside the r×r block,
+i.e. three m×n×n products (G, C and M·(V X Vᵀ)), one n×n eigh and a few n×n products.
+
+Precision. G and its eigendecomposition are always float64: OPCM needs every singular pair on its own
+(P's diagonal), and a float32 eigh rotates pairs with close singular values (error ~ε32·λ_max/gap, not
+bounded by κ), up to 1.2e-5 relative on the ViT-B/32 benchmark's random MLP weights. The products
+(C, K, V X Vᵀ, M·(V X Vᵀ)) use the conditioning rule of ``strategies/isotropic.py`` (its
+``FAST_PATH_BOUND``), read off the float64 eigenvalues: float32 when ε32·κ² ≤ 1e-5 (well-conditioned
+rectangular matrices, e.g. random ViT attention/MLP weights, κ ≈ 3–4; error ~1e-7), float64 otherwise
+(square or ill-conditioned matrices, e.g. fine-tuning updates with a decaying spectrum: a float32
+product would leave ~ε32·κ on the small directions).
+Timings and errors: ``benchmarks/perf/opcm_step.py``.
+
+Null directions. Singular directions with σ_i ≤ 10·ε32·σ_max (the deltas are float32 data; this is
+also far above the float64 Gram matrix's noise floor, σ ≈ √ε64·σ_max) carry no signal: their singular
+vectors are arbitrary, and a literal SVD would zero P's diagonal along whatever basis LAPACK returns
+there. They contribute nothing here: τ̃ − τ stays inside M's row and column spaces. The rank split r
+still uses all n singular values (the null ones as 0). On full-rank matrices this is exactly the
+formula above.
 
 When M_{t−1} of a weight is exactly zero there is no previous subspace and τ̃ = τ_t (FusionBench's
 result there would depend on the arbitrary basis LAPACK returns for a zero matrix).
@@ -39,6 +61,10 @@ import torch
 from cl_merge.merger import Merger
 from cl_merge.params import clone, global_norm, is_matrix, sub
 from cl_merge.registry import register_merger
+from cl_merge.strategies.isotropic import _EPS32, FAST_PATH_BOUND, null_tolerance
+
+#: singular directions of M_{t−1} with σ_i ≤ NULL_RTOL·σ_max are null (module doc)
+NULL_RTOL = null_tolerance(torch.float32)
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -46,22 +72,49 @@ def split_rank(s: torch.Tensor, alpha: float) -> int:
     return int((s.cumsum(0) / s.sum() > alpha).to(torch.int8).argmax())
 
 
+def _gram_lower(a: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """The lower triangle of aᵀa (all ``torch.linalg.eigh`` reads), by block rows: ~5/8 of a full product."""
+    n = a.shape[1]
+    g = torch.zeros(n, n, dtype=a.dtype, device=a.device)
+    edges = [n * i // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        g[lo:hi, :hi] = a[:, lo:hi].T @ a[:, :hi]
+    return g
+
+
+def gram_eigh(a: torch.Tensor):
+    """Eigendecomposition of the Gram matrix aᵀa of a tall matrix ``a`` (float64) and the working
+    precision of the products (module doc). Returns ``(a, lam, vec)``: ``a`` in the working dtype, the
+    eigenvalues σ_i² (float64, ≥ 0) in descending order and the eigenvectors in the working dtype."""
+    a64 = a.double()
+    lam, vec = torch.linalg.eigh(_gram_lower(a64), UPLO="L")
+    lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
+    if a.dtype != torch.float64 and lam[-1] > 0 and _EPS32 * float(lam[0] / lam[-1]) <= FAST_PATH_BOUND:
+        return a.float(), lam, vec.float()
+    return a64, lam, vec
+
+
 def project_task_vector(prev_delta: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """τ̃ for one 2-D weight (see the module docstring), computed in float32."""
-    m, x = prev_delta.float(), tau.float()
+    """τ̃ for one 2-D weight (see the module docstring): Gram/eigh route, float32 or float64 per matrix."""
+    m = prev_delta if prev_delta.dtype == torch.float64 else prev_delta.float()
     if not bool(m.any()):
         return tau.clone()
     transposed = m.shape[0] < m.shape[1]
-    if transposed:
-        m, x = m.T, x.T
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    r = split_rank(s, alpha)
-    w = u.T @ x                       # rows: u_iᵀ τ
-    d = (w * vh).sum(1)               # d_i = u_iᵀ τ v_i
-    uq = u * d                        # U diag(d)
-    if r > 0:
-        uq[:, :r] = u[:, :r] @ (w[:r] @ vh[:r].T)   # the whole top-left r×r block
-    out = x - uq @ vh
+    a, lam, vec = gram_eigh(m.T if transposed else m)
+    x = (tau.T if transposed else tau).to(a.dtype)
+    s = lam.sqrt()
+    keep = s > NULL_RTOL * s[0]
+    r = split_rank(torch.where(keep, s, 0.0), alpha)
+    inv = keep / torch.where(keep, lam, 1.0)                 # 1/σ_i² (float64), 0 on null directions
+    cv = (a.T @ x) @ vec                                     # C V with C = Mᵀτ
+    xd = ((vec * cv).sum(0).double() * inv).to(a.dtype)     # X_ii = K_ii/σ_i²
+    w = (vec * xd) @ vec.T                                   # V diag(X_ii) Vᵀ
+    if r > 0:                                                # + the rest of the r×r block
+        vr = vec[:, :r]
+        blk = ((vr.T @ cv[:, :r]).double() * (inv[:r, None] * keep[:r])).to(a.dtype)  # X_ij = K_ij/σ_i²
+        blk.diagonal().zero_()
+        w += vr @ (blk @ vr.T)
+    out = x - a @ w
     if transposed:
         out = out.T
     return out.to(tau.dtype).contiguous()

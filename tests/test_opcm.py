@@ -173,3 +173,91 @@ def test_state_is_three_scalars_and_round_trips():
     a = m.merge(base=base, previous=deployed, expert=random_state(11), start=base, step=11)
     b = other.merge(base=base, previous=deployed, expert=random_state(11), start=base, step=11)
     assert all(torch.equal(a[k], b[k]) for k in base)
+
+
+def literal_projection_f64(m, tau, alpha):
+    """τ̃ straight from the definition in float64: full SVD, P = Uᵀ τ V, zero P's diagonal and top-left r×r
+    block, τ̃ = U P Vᵀ (r: first 0-based index where the cumulative singular-value share exceeds α)."""
+    m, tau = m.double(), tau.double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=True)
+    r = int(torch.nonzero(s.cumsum(0) / s.sum() > alpha)[0, 0])
+    p = u.T @ tau @ vh.T
+    p.diagonal().zero_()
+    p[:r, :r] = 0.0
+    return u @ p @ vh, r
+
+
+def _orthonormal(rows, cols, g):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+
+
+def _decaying(shape, g, decades=5.0):
+    """A float32 matrix with singular values 10^-linspace(0, decades) (ill-conditioned, κ = 10^decades)."""
+    k = min(shape)
+    s = 10.0 ** -torch.linspace(0, decades, k, dtype=torch.float64)
+    return ((_orthonormal(shape[0], k, g) * s) @ _orthonormal(shape[1], k, g).T).float()
+
+
+def _close_pair(shape, g, gap=1e-6):
+    """Well-conditioned (κ = 2) but with two singular values 1e-6 apart: their singular vectors are only
+    resolved by a float64 eigendecomposition (a float32 eigh rotates them by ~ε32/gap)."""
+    k = min(shape)
+    s = torch.linspace(1.0, 0.5, k, dtype=torch.float64)
+    s[k // 2 + 1] = s[k // 2] - gap
+    return ((_orthonormal(shape[0], k, g) * s) @ _orthonormal(shape[1], k, g).T).float()
+
+
+# working precision of the products the conditioning rule must pick: ε32·κ² ≤ 1e-5 only for the
+# well-conditioned rectangular ones
+@pytest.mark.parametrize("kind, shape, work", [("random", (60, 20), torch.float32),
+                                               ("random", (16, 48), torch.float32),
+                                               ("close pair", (60, 20), torch.float32),
+                                               ("random", (24, 24), torch.float64),
+                                               ("decaying", (40, 20), torch.float64),
+                                               ("decaying", (20, 36), torch.float64),
+                                               ("decaying", (24, 24), torch.float64)])
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_projection_equals_a_literal_float64_full_svd(kind, shape, work, alpha):
+    from cl_merge.strategies.opcm import gram_eigh, project_task_vector
+
+    g = torch.Generator().manual_seed(sum(shape))
+    m = {"random": lambda: torch.randn(shape, generator=g), "decaying": lambda: _decaying(shape, g),
+         "close pair": lambda: _close_pair(shape, g)}[kind]()
+    tau = torch.randn(shape, generator=g)
+    expected, r = literal_projection_f64(m, tau, alpha)
+    got = project_task_vector(m, tau, alpha)
+    assert got.dtype == torch.float32 and got.shape == tau.shape
+    assert float((got.double() - expected).norm() / expected.norm()) <= 1e-5
+    assert gram_eigh(m if shape[0] >= shape[1] else m.T)[0].dtype == work
+    if alpha == 0.8:
+        assert r >= 1  # the r×r block is exercised, not only the diagonal
+
+
+@pytest.mark.parametrize("shape, rank", [((12, 8), 5), ((6, 10), 3)])
+def test_null_directions_of_a_rank_deficient_matrix_are_left_alone(shape, rank):
+    """σ_i ≤ 10·ε32·σ_max: no diagonal entry is zeroed along them (a literal SVD would zero u_iᵀ τ v_i for
+    whatever null basis LAPACK returns); τ̃ is the formula on the rank non-null components only."""
+    from cl_merge.strategies.opcm import project_task_vector
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(shape[0], rank, generator=g, dtype=torch.float64)
+    m = (a @ torch.randn(rank, shape[1], generator=g, dtype=torch.float64)).float()
+    tau = torch.randn(shape, generator=g)
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=True)
+    assert s[rank - 1] > 1e-3 * s[0] and (s[rank:] <= 1e-6 * s[0]).all()
+    got = project_task_vector(m, tau, 0.5).double()
+    # expected: τ − U_k Q V_kᵀ over the k = rank non-null components (module doc), same r as the literal
+    literal, r = literal_projection_f64(m, tau, 0.5)
+    uk, vk = u[:, :rank], vh[:rank].T
+    q = uk.T @ tau.double() @ vk
+    keep = torch.zeros_like(q)
+    keep[:r, :r] = 1.0
+    keep.diagonal().fill_(1.0)
+    expected = tau.double() - uk @ (q * keep) @ vk.T
+    assert float((got - expected).norm() / expected.norm()) <= 1e-5
+    # τ̃ − τ lies in M's column and row spaces: nothing moves along the null directions
+    diff = got - tau.double()
+    assert float((u[:, rank:].T @ diff).norm()) <= 1e-5 * float(diff.norm())
+    assert float((diff @ vh[rank:].T).norm()) <= 1e-5 * float(diff.norm())
+    # the literal full-SVD result differs there: it also zeroes P's diagonal on the arbitrary null basis
+    assert float((literal - expected).norm() / expected.norm()) > 1e-3
