@@ -7,23 +7,36 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
 
-def _atomic(path: Path, write) -> None:
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: changing the umask is process-wide
+
+
+def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``. The file gets the
+    permissions of a plainly created one (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def write_json_atomic(path: os.PathLike, obj: Any) -> None:
@@ -34,7 +47,7 @@ def write_json_atomic(path: os.PathLike, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    _atomic(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def write_text_atomic(path: os.PathLike, text: str) -> None:
@@ -42,14 +55,14 @@ def write_text_atomic(path: os.PathLike, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def save_tensors_atomic(path: os.PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> None:
     from safetensors.torch import save_file
 
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
 def load_tensors(path: os.PathLike) -> Dict[str, torch.Tensor]:

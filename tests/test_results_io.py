@@ -42,3 +42,13 @@ def test_load_result_names_the_corrupt_file(tmp_path):
     good.write_text(json.dumps({k: None for k in STABLE_KEYS} | {"schema_version": 1}))
     assert load_result(good)["schema_version"] == 1
     assert set(find_results([tmp_path])) == {bad, partial, good}
+
+
+def test_atomic_writes_get_the_permissions_of_a_plainly_created_file(tmp_path):
+    from cl_merge.io import _UMASK, write_json_atomic
+
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    write_json_atomic(tmp_path / "atomic.json", {"a": 1})
+    mode = (tmp_path / "atomic.json").stat().st_mode & 0o777
+    assert mode == plain.stat().st_mode & 0o777 == 0o666 & ~_UMASK
