@@ -34,8 +34,10 @@ MINI := results/mini
 MINI_EXPERTS := run.cache_dir=$(MINI)/runs/.cache run.threads=1
 CLM := $(OFFLINE) $(VENV)/bin/cl-merge
 .PHONY: results
+# RESULTS_ENGINE=ray runs the grid's runs side by side on a local Ray instance (same result files).
+RESULTS_ENGINE ?= local
 results: $(STAMP)
-	$(CLM) leaderboard results/leaderboard_mini.toml --quiet
+	$(CLM) leaderboard results/leaderboard_mini.toml --quiet --engine $(RESULTS_ENGINE)
 	$(CLM) plot matrix $(MINI)/runs --strategy saim --order 1 --out $(MINI)/plots/matrix_saim.png
 	$(CLM) plot matrix $(MINI)/runs --strategy c-ft --order 1 --out $(MINI)/plots/matrix_c-ft.png
 	$(CLM) plot curves $(MINI)/runs --out $(MINI)/plots/acc_sar_curves.png
