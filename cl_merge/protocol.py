@@ -48,6 +48,11 @@ def evaluate_row(adapter: ModelAdapter, tasks: List[Task], seen: int, eval_unsee
     return row
 
 
+def _validation_score(adapter: ModelAdapter, state, task: Task) -> float:
+    adapter.set_state(state)
+    return adapter.evaluate(task, "val")
+
+
 def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, learner_name: str,
                  merger: Merger, protocol: str, seed: int, eval_unseen: bool,
                  checkpointer: Checkpointer, resume: bool, cache: Optional[ExpertCache],
@@ -106,7 +111,18 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         eval_s = time.perf_counter() - t_eval
 
         t_merge = time.perf_counter()
-        deployed = merger.merge(base=theta0, previous=deployed, expert=expert, start=start, step=t)
+        # mergers that pick a hyperparameter on data (e.g. isotropic's alpha_grid) score candidate
+        # states on the current task's validation split, never its test split
+        binds = hasattr(merger, "bind_validation")
+        if binds:
+            merger.bind_validation(lambda state, task=task: _validation_score(adapter, state, task))
+        try:
+            deployed = merger.merge(base=theta0, previous=deployed, expert=expert, start=start, step=t)
+        finally:
+            if binds:
+                merger.bind_validation(None)
+        if getattr(merger, "chosen_alpha", None) is not None and getattr(merger, "alpha_grid", ()):
+            record.setdefault("chosen_alpha", []).append(merger.chosen_alpha)
         merge_s = time.perf_counter() - t_merge
 
         t_sar = time.perf_counter()

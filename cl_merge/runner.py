@@ -138,4 +138,4 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "sar_skipped_layers": record.get("sar_skipped_layers"),
         "sar_rank_mean": record.get("sar_rank_mean"),
         "config": config.to_dict(),
-    }
+    } | ({"chosen_alpha": record["chosen_alpha"]} if "chosen_alpha" in record else {})  # merger.alpha_grid

@@ -40,9 +40,9 @@ full-rank matrices this is exactly U Σ̂ Vᵀ. At t = 1, Σ̂ = Σ and Δ_merge
 decomposition.
 
 Choosing α on validation data (``alpha_grid``, off by default): the paper picks α by "validation set
-search". The merger interface has no data access, so the search runs only when a scorer has been
-bound with ``bind_validation(score)``, ``score(state) -> float`` evaluating the current task's
-validation split; the protocol loop does not bind one yet (see the note in ``bind_validation``).
+search". The merger interface has no data access; the protocol loop binds ``score(state) -> float``
+(accuracy on the current task's validation split) through ``bind_validation`` around each merge, and
+records the chosen α per step in the results (``chosen_alpha``).
 """
 
 from __future__ import annotations
@@ -151,12 +151,8 @@ class IsotropicMerger(Merger):
         self.chosen_alpha: Optional[float] = None
 
     def bind_validation(self, score: Optional[Scorer]) -> None:
-        """Attach ``score(state) -> float`` on the current task's validation split (or detach).
-
-        Core hook this needs (not yet in the protocol loop): in ``cl_merge.protocol.run_protocol``,
-        just before ``merger.merge(...)``, call ``merger.bind_validation(fn)`` when the merger has that
-        method, with ``fn(state)`` = ``adapter.set_state(state); return adapter.evaluate(task, "val")``
-        for the task being merged (then set the deployed state as it does today)."""
+        """Attach ``score(state) -> float`` on the current task's validation split (or detach with
+        None); ``cl_merge.protocol`` does this around every merge."""
         self._scorer = score
 
     def merge(self, base, previous, expert, start, step):

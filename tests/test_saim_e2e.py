@@ -51,3 +51,25 @@ def test_sharpness_aware_learners_run_with_a_merger(tmp_path, shared_cache, fast
                  protocol="independent")
     check_complete(result)
     assert result["learner"] == learner
+
+
+def test_alpha_chosen_on_validation_data_in_the_protocol_loop(tmp_path, shared_cache, fast_overrides, monkeypatch):
+    """merger.alpha_grid: the loop binds a scorer on the current task's validation split (never test)
+    around each merge; a one-value grid deploys exactly what that fixed α deploys."""
+    from cl_merge.models.clip import ClipClassifier
+
+    splits = []
+    original = ClipClassifier.score
+
+    def spy(self, task, split="test"):
+        splits.append(split)
+        return original(self, task, split)
+
+    monkeypatch.setattr(ClipClassifier, "score", spy)
+    grid = run(tmp_path, shared_cache, fast_overrides + ["merger.alpha_grid=0.2,0.9"], "grid", strategy="saim")
+    assert len(grid["chosen_alpha"]) == T and set(grid["chosen_alpha"]) <= {0.2, 0.9}
+    assert splits.count("val") == 2 * T  # each grid value scored once per merge, on validation data
+    single = run(tmp_path, shared_cache, fast_overrides + ["merger.alpha_grid=0.2"], "single", strategy="saim")
+    fixed = run(tmp_path, shared_cache, fast_overrides + ["merger.alpha=0.2"], "fixed", strategy="saim")
+    assert single["chosen_alpha"] == [0.2] * T and "chosen_alpha" not in fixed
+    assert single["acc_matrix"] == fixed["acc_matrix"]
