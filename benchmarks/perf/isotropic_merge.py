@@ -15,9 +15,9 @@ import math
 import os
 import time
 
-# A shared machine: OpenMP threads that spin while waiting multiply run times when other processes
-# hold the cores; passive waiting costs little on an idle machine. Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's own wait policy, as in a cl_merge run. On a machine shared with other jobs, spinning
+# threads inflate wall times many-fold: run with OMP_WAIT_POLICY=PASSIVE there (printed below).
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "default")
 
 import torch  # noqa: E402
 
@@ -52,7 +52,7 @@ def main():
     base = vit_b32_tower()
     mats = [k for k, v in base.items() if is_matrix(v)]
     print(f"ViT-B/32 image tower: {sum(v.numel() for v in base.values()) / 1e6:.1f}M parameters, "
-          f"{len(mats)} 2-D matrices; threads={args.threads}, load average {os.getloadavg()[0]:.1f}")
+          f"{len(mats)} 2-D matrices; threads={args.threads}, load average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY {WAIT_POLICY}")
     merger = IsotropicMerger()
     merger.reset(base)
     for kind in ("gaussian", "finetune"):

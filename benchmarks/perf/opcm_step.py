@@ -20,9 +20,9 @@ import math
 import os
 import time
 
-# On a shared machine OpenMP threads that spin while waiting make LAPACK calls 10-40x slower whenever
-# another process holds a core; passive waiting keeps the figures meaningful (set before torch loads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's own wait policy, as in a cl_merge run. On a machine shared with other jobs, spinning
+# threads inflate wall times many-fold: run with OMP_WAIT_POLICY=PASSIVE there (printed below).
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "default")
 
 import torch  # noqa: E402
 
@@ -63,7 +63,7 @@ def main():
     mats = [k for k, v in base.items() if is_matrix(v)]
     print(f"ViT-B/32 image tower: {sum(v.numel() for v in base.values()) / 1e6:.1f}M parameters, "
           f"{len(mats)} 2-D matrices projected (incl. positional_embedding, proj, in_proj_weight); "
-          f"threads={args.threads}, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"threads={args.threads}, load average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY {WAIT_POLICY}", flush=True)
     for kind in args.kinds.split(","):
         gen = torch.Generator().manual_seed(0)
         e1 = {k: base[k] + d for k, d in task_vector(base, kind, gen).items()}

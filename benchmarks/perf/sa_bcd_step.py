@@ -17,9 +17,9 @@ import os
 import statistics
 import time
 
-# A shared machine: OpenMP threads that spin while waiting multiply run times when other processes
-# hold the cores; passive waiting costs little on an idle machine. Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's own wait policy, as in a cl_merge run. On a machine shared with other jobs, spinning
+# threads inflate wall times many-fold: run with OMP_WAIT_POLICY=PASSIVE there (printed below).
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "default")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -109,7 +109,7 @@ def main():
         adam_cpu = statistics.median(cpu["adam"])
         fb = statistics.median(passes)
         print(f"{model_name}: {n_params / 1e6:.2f}M parameters, batch {batch}, threads {args.threads}, "
-              f"load average {os.getloadavg()[0]:.1f}; median of {args.steps} steps; "
+              f"load average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY {WAIT_POLICY}; median of {args.steps} steps; "
               f"one forward+backward {fb * 1e3:.1f} ms")
         for n in names:
             med, med_cpu = statistics.median(times[n]), statistics.median(cpu[n])
