@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Literal, Optional
 
 import numpy as np
@@ -104,34 +103,6 @@ def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return top_mask_into(score, k, torch.empty_like(score, memory_format=torch.contiguous_format))
 
 
-#: below this many coordinates per step the selection runs in the calling thread (thread hand-off
-#: costs more than it saves on small models such as the mini suite's)
-PARALLEL_SELECTION_MIN = 1 << 22
-_POOL: Optional[ThreadPoolExecutor] = None
-
-
-def _selection_pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sa-bcd-select")
-    return _POOL
-
-
-def _balanced_parts(tensors: List[torch.Tensor], threads: int) -> List[List[int]]:
-    """Indices of ``tensors`` split into ≤ ``threads`` parts of similar total size (largest first,
-    each to the lightest part); one part when the model is small or only CPU-side numpy would help."""
-    total = sum(t.numel() for t in tensors)
-    if threads <= 1 or total < PARALLEL_SELECTION_MIN or any(t.device.type != "cpu" for t in tensors):
-        return [list(range(len(tensors)))]
-    parts: List[List[int]] = [[] for _ in range(threads)]
-    loads = [0] * threads
-    for i in sorted(range(len(tensors)), key=lambda i: -tensors[i].numel()):
-        j = loads.index(min(loads))
-        parts[j].append(i)
-        loads[j] += tensors[i].numel()
-    return [p for p in parts if p]
-
-
 class SABCD(torch.optim.Optimizer):
     """Algorithm 1 of the SAIM paper as a ``torch.optim.Optimizer``; ``step`` needs the closure.
 
@@ -152,22 +123,17 @@ class SABCD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.rho, self.p, self.update, self.scope, self.decay = rho, p, update, scope, decay
         self._work: Optional[np.ndarray] = None  # numpy scratch for the selection
-        self._works: List[Optional[np.ndarray]] = []  # one scratch per selection thread
         self._flat: Optional[torch.Tensor] = None  # global scope: all scores, then all masks
 
     # ---- selection ----------------------------------------------------------------------------
     def _select(self, scores: List[torch.Tensor], masks: List[torch.Tensor]) -> None:
         """Ω into ``masks`` (0/1, one per tensor): the top-p fraction of |score|."""
         if self.scope == "tensor":
-            parts = _balanced_parts(scores, torch.get_num_threads())
-            if len(parts) == 1:
-                self._work = self._select_part(scores, masks, parts[0], self._work)
-                return
-            # numpy's partition releases the GIL: large models select on all intra-op threads
-            if len(self._works) != len(parts):
-                self._works = [None] * len(parts)
-            self._works = list(_selection_pool(len(parts)).map(
-                lambda part, work: self._select_part(scores, masks, part, work), parts, self._works))
+            for s, m in zip(scores, masks):
+                if self._work is None or self._work.size < 2 * s.numel():
+                    self._work = np.empty(2 * max(x.numel() for x in scores), dtype=np.float32)
+                top_mask_into(s, selection_size(self.p, s.numel()), m,
+                              self._work if s.dtype == torch.float32 else None)
             return
         sizes = [s.numel() for s in scores]
         if self._flat is None or self._flat.numel() != 2 * sum(sizes):
@@ -180,15 +146,6 @@ class SABCD(torch.optim.Optimizer):
         top_mask_into(flat, selection_size(self.p, flat.numel()), flat_mask, self._work)
         for m, part in zip(masks, flat_mask.split(sizes)):
             m.copy_(part.view_as(m))
-
-    def _select_part(self, scores, masks, indices, work: Optional[np.ndarray]) -> Optional[np.ndarray]:
-        """Per-tensor selection for ``indices``; returns the (possibly grown) numpy scratch."""
-        for i in indices:
-            s = scores[i]
-            if s.dtype == torch.float32 and (work is None or work.size < 2 * s.numel()):
-                work = np.empty(2 * max(scores[j].numel() for j in indices), dtype=np.float32)
-            top_mask_into(s, selection_size(self.p, s.numel()), masks[i], work if s.dtype == torch.float32 else None)
-        return work
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -124,25 +124,6 @@ def test_steps_equal_the_hand_computed_algorithm(update, scope):
             assert torch.equal(changed, omegas[t][k]), (t, k)
 
 
-@pytest.mark.parametrize("update", ["literal", "sam_adam"])
-def test_selection_split_over_threads_matches_the_oracle(monkeypatch, update):
-    """Large models select Ω on several threads (one part of the tensors each); the steps are the same."""
-    import cl_merge.strategies.sa_bcd as sa_bcd
-
-    monkeypatch.setattr(sa_bcd, "PARALLEL_SELECTION_MIN", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        params, loss_fn = problem(seed=1)
-        assert len(sa_bcd._balanced_parts(list(params.values()), 3)) == 3
-        expected, _, _ = oracle_steps(params, loss_fn, update, "tensor")
-        got, _, _ = run_optimizer(params, loss_fn, update=update, scope="tensor")
-    finally:
-        torch.set_num_threads(threads)
-    for k in params:
-        assert torch.allclose(got[k].double(), expected[k], atol=1e-6, rtol=1e-5), k
-
-
 def test_selection_sizes_per_tensor_and_global():
     params, loss_fn = problem()
     _, omegas, _ = oracle_steps(params, loss_fn, "sam_adam", "tensor")
