@@ -111,15 +111,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from .config import resolve
-    from .report import matrix_table
     from .runner import execute
 
     config = resolve(args.benchmark, strategy=args.strategy, learner=args.learner, merger=args.merger,
                      protocol=args.protocol, order=args.order, seed=args.seed, overrides=args.overrides)
     result, path = execute(config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _show(result, path)
+    return 0
+
+
+def _show(result, path) -> None:
+    """A finished run: its accuracy matrix, then the summary line."""
+    from .report import matrix_table
+
     out.print(matrix_table(result))
     _summary(result, path)
-    return 0
 
 
 def _summary(result, path) -> None:
@@ -185,7 +191,6 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from . import report
     from .config import resolve
-    from .report import matrix_table
     from .io import write_text_atomic
     from .registry import STRATEGIES
     from .runner import execute
@@ -202,8 +207,7 @@ def cmd_demo(args) -> int:
         for config in configs:
             out.rule(config.label)
             result, path = execute(config, out_dir=args.out, progress=not args.quiet)
-            out.print(matrix_table(result))
-            _summary(result, path)
+            _show(result, path)
             results.append(result)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -216,8 +220,7 @@ def cmd_demo(args) -> int:
             job = bar.add_task("demo", total=len(configs))
 
             def finished(result, path):
-                out.print(matrix_table(result))
-                _summary(result, path)
+                _show(result, path)
                 bar.advance(job)
 
             results = run_parallel(configs, args.out, jobs, finished)

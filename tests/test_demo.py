@@ -1,5 +1,7 @@
 """The demo's worker processes: grouping by shared experts, and the same results as one process."""
 
+from pathlib import Path
+
 from _settings import FAST
 
 from cl_merge.config import resolve
@@ -11,13 +13,13 @@ from cl_merge.runner import execute
 def test_strategies_sharing_independent_experts_run_in_one_group_in_listing_order():
     names = ["c-ft", "c-ta", "saim", "swa", "ewc", "magmax"]
     configs = [resolve("mini", strategy=n) for n in names]
-    groups = [[names[i] for i in g] for g in plan_groups(configs)]
+    groups = [[names[i] for i in g] for g in plan_groups(configs, Path("out"))]
     assert sorted(map(sorted, groups)) == sorted([["c-ft"], ["c-ta", "magmax", "swa"], ["saim"], ["ewc"]])
     assert ["c-ta", "swa", "magmax"] in groups  # the first of the group trains, the others read the cache
     assert groups[0] == ["ewc"]  # the costliest group (by learner cost) starts first
     # a changed learner hyperparameter means other experts: its own group
     other = resolve("mini", strategy="swa", overrides=["learner.lr=1e-4"])
-    assert len(plan_groups([configs[1], other])) == 2
+    assert len(plan_groups([configs[1], other], Path("out"))) == 2
 
 
 def test_worker_processes_give_the_results_of_one_process(tmp_path):
