@@ -240,3 +240,12 @@ def test_benchmark_scoring_mode_and_decoding(tmp_path):
     tok.decode = spy
     CausalLMAdapter(model, tok, "tiny", clean_up_tokenization_spaces=False).generate(["a"], max_new_tokens=2)
     assert seen == [False]
+
+
+def test_scorer_versions_are_null_when_absent():
+    from cl_merge.benchmarks.scorer_versions import package_version, scorer_versions
+
+    assert package_version("no-such-package-for-cl-merge") is None
+    versions = scorer_versions()
+    assert versions["rouge"] == "1.0.1" or versions["rouge"] is None
+    assert {"rouge", "rouge-score", "fuzzywuzzy", "rapidfuzz", "lm_eval", "evalplus"} <= set(versions)

@@ -28,8 +28,6 @@ from ..scorer_versions import scorer_versions
 from .coding import CodingProtocol
 from .evaluation import EvalConfig, Evaluator, load_specs, summarize
 
-MERGEBENCH_SCORERS = ("lm_eval", "evalplus", "transformers")
-
 SEED_ORDER = ("instruction", "math", "multilingual", "coding", "safety")
 
 
@@ -179,7 +177,7 @@ class MergeBenchBenchmark(Benchmark):
                            "eval_tasks": {d: [s.name for s in self._specs[d]] for d in domains},
                            "experts": {d: self.expert_ref(d) for d in domains},
                            "evaluation_protocol": self.protocol_record(),
-                           "scorer_versions": scorer_versions(MERGEBENCH_SCORERS),
+                           "scorer_versions": scorer_versions(),
                            "conventions": {"domain_score": "mean of the domain's task scores (tasks that ran)",
                                            "overall": "mean of the domain scores (= acc for the final row)",
                                            "lower_is_better": "rates inverted to 1 - rate; raw kept, inverted=true"}}

@@ -39,7 +39,6 @@ SETTINGS = {
     "trace8": OFFICIAL_ORDER,
     "seed7": tuple(t for t in OFFICIAL_ORDER if t != "Py150"),
 }
-TRACE_SCORERS = ("rouge", "rouge-score", "fuzzywuzzy", "python-Levenshtein", "rapidfuzz", "transformers")
 AUTO_BUDGET_CAP = 512  # TRACE's max_ans_len
 AUTO_BUDGET_MARGIN = 16
 
@@ -198,7 +197,7 @@ class TraceBenchmark(Benchmark):
             "trace_scale": {t.name: t.metadata["trace_scale"] for t in tasks},
             "score_range": [0, 1],
             "scoring": self.scoring,
-            "scorer_versions": scorer_versions(TRACE_SCORERS),
+            "scorer_versions": scorer_versions(),
             "scorer_backends": ({"rouge_l": "rouge (summary-level, TRACE's argument order)",
                                  "edit_similarity": "difflib SequenceMatcher (fuzzywuzzy without python-Levenshtein)",
                                  "sari": "cl_merge, Hugging Face's SARI with sacrebleu 13a tokenisation"}
