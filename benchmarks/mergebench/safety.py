@@ -52,7 +52,7 @@ SAFETY_FILES_HELP = ("one JSON object per line with a 'prompt' (XSTest also a 'l
                      "TrustAIRLab/in-the-wild-jailbreak-prompts (DAN) and XSTest")
 
 
-def read_prompt_file(folder: Optional[str], spec: EvalSpec) -> List[Dict[str, Any]]:
+def read_prompt_file(folder: Optional[str], spec) -> List[Dict[str, Any]]:
     if not folder:
         raise MissingRequirement(f"no safety prompt data: set benchmark.safety_data=DIR with {spec.file} "
                                  f"({SAFETY_FILES_HELP})")
