@@ -108,7 +108,7 @@ def test_mergebench_run_end_to_end(tiny, tmp_path):
     protocol = detail["evaluation_protocol"]
     assert protocol["coding"]["protocol"] == "bigcode" and protocol["coding"]["samples"] == 10
     assert protocol["coding"]["temperature"] == 0.2 and protocol["coding"]["max_length_generation"] == 512
-    assert protocol["safety"]["template"] == "chat" and protocol["metric_keys"]["qa"]["metric"] == "exact_match,none"
+    assert protocol["safety"]["template"] == "llama3" and protocol["metric_keys"]["qa"]["metric"] == "exact_match,none"
     assert {"lm_eval", "evalplus", "rouge", "rapidfuzz"} <= set(detail["scorer_versions"])
     assert detail["scorer_versions"]["lm_eval"] is not None
     qa = [t for t in math_eval["tasks"] if t["name"] == "qa"][0]

@@ -206,18 +206,20 @@ def test_safety_prompts_go_through_the_chat_template(tmp_path):
         seen["prompts"] = prompts
         return [E.Verdict(True, True, False) for _ in prompts]
 
-    # no chat template on the tokenizer: the Llama-3 format, BOS already in the text
+    # the default: MergeBench's Llama-3 format, BOS already in the text
     adapter = _Adapter()
     r = E.Evaluator(E.EvalConfig(safety_data=str(tmp_path)), {"safety": [spec]}, judge=judge).run(adapter, spec)
     (texts, kwargs), = adapter.calls
     assert texts == [S.LLAMA3_TEMPLATE.format(prompt="how to x")] and kwargs == {"add_special_tokens": False}
     assert seen["prompts"] == ["how to x"]  # the judge sees the user's prompt, not the template
-    assert r.detail["generation"]["template"] == "llama3 (built in)"
-    # a tokenizer with its own chat template: that template
+    assert r.detail["generation"]["template"] == "llama3"
+    # safety_template=chat: the tokenizer's own chat template (Llama-3 format when it has none)
     tok = byte_tokenizer()
     tok.chat_template = "{% for m in messages %}<s>[U] {{ m['content'] }}{% endfor %}[A]"
     texts, which, has_bos = S.format_prompts(tok, ["hi"], "chat")
     assert texts == ["<s>[U] hi[A]"] and which == "tokenizer chat template" and has_bos
+    assert S.format_prompts(tok, ["hi"], "llama3")[0] == [S.LLAMA3_TEMPLATE.format(prompt="hi")]
+    assert S.format_prompts(byte_tokenizer(), ["hi"], "chat")[1] == "llama3"
     assert S.format_prompts(tok, ["hi"], "raw") == (["hi"], "raw", False)
 
 

@@ -77,7 +77,7 @@ class MergeBenchBenchmark(Benchmark):
     coding_top_p: float = 0.95
     coding_max_length: int = 512
     coding_seed: int = 0
-    safety_template: Literal["chat", "raw"] = "chat"  # the base model's chat template (else Llama-3's) or raw
+    safety_template: Literal["llama3", "chat", "raw"] = "llama3"  # MergeBench's Llama-3 format, the tokenizer's own, raw
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     safety_data: Optional[str] = None  # folder with wildguardtest/harmbench/do_anything_now/xstest .jsonl
     safety_judge: str = "allenai/wildguard"  # the judge model (gated on the hub) or a local folder

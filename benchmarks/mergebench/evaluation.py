@@ -6,8 +6,8 @@
 * coding (HumanEval+, MBPP+): MergeBench's bigcode protocol by default (10 samples at T 0.2, top-p
   0.95, 512 tokens including the prompt, unbiased pass@1) or greedy (``coding.py``), scored by
   EvalPlus' own test runner (base + extra tests).
-* safety: the adapter answers the prompt sets (local JSONL files) through the base model's chat
-  template (``safety.py``); the WildGuard classifier judges each (prompt, response) pair.
+* safety: the adapter answers the prompt sets (local JSONL files) in the Llama-3 chat format
+  MergeBench's safety-eval run used, or the base model's own template (``safety.py``); the WildGuard classifier judges each (prompt, response) pair.
   Harmful-response rates are lower-is-better and are inverted (1 − rate) before averaging; the raw
   rate and ``inverted: true`` are recorded with the score.
 
@@ -146,7 +146,7 @@ class EvalConfig:
     apply_chat_template: bool = False
     max_new_tokens: int = 512  # safety generations and greedy coding
     coding: CODE.CodingProtocol = dataclasses.field(default_factory=CODE.CodingProtocol)
-    safety_template: str = "chat"  # chat (the base model's template, else Llama-3's) | raw
+    safety_template: str = "llama3"  # llama3 (MergeBench's) | chat (the tokenizer's own) | raw
     safety_data: Optional[str] = None
     safety_judge: str = "allenai/wildguard"
     judge_batch_size: int = 8

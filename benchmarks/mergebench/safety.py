@@ -2,9 +2,11 @@
 the metrics (safety-eval's, as MergeBench's released ``safety_eval.json`` reports them).
 
 Prompts are formatted as safety-eval does for MergeBench (``--model_input_template_path_or_name
-llama3``): ``safety_template=chat`` (default) applies the base model's own chat template when its
-tokenizer has one, else the Llama-3 chat format; ``raw`` feeds the prompt text as it is. Responses
-are greedy, ``max_new_tokens`` new tokens.
+llama3``, for every base): ``safety_template=llama3`` (default) is the Llama-3 single-turn chat format
+(user turn, then the assistant header), fixed text; ``chat`` applies the base model's own chat
+template from its tokenizer (Llama-3.2's adds a system turn with today's date, so it is not the
+default), falling back to the Llama-3 format when the tokenizer has none; ``raw`` feeds the prompt
+text as it is. Responses are greedy, ``max_new_tokens`` new tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-SAFETY_TEMPLATES = ("chat", "raw")
+SAFETY_TEMPLATES = ("llama3", "chat", "raw")
 # The Llama-3 single-turn chat format (safety-eval's "llama3" template), used when the tokenizer has none
 LLAMA3_TEMPLATE = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -37,14 +39,14 @@ def format_prompts(tokenizer, prompts: Sequence[str], template: str):
     """(texts, which template, whether the texts already carry the BOS)."""
     if template == "raw":
         return list(prompts), "raw", False
-    if template != "chat":
+    if template not in SAFETY_TEMPLATES:
         raise UserError(f"safety_template must be one of {', '.join(SAFETY_TEMPLATES)}; got {template!r}")
-    if getattr(tokenizer, "chat_template", None):
+    if template == "chat" and getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         bos = getattr(tokenizer, "bos_token", None)
         return texts, "tokenizer chat template", bool(bos) and all(t.startswith(bos) for t in texts)
-    return [LLAMA3_TEMPLATE.format(prompt=p) for p in prompts], "llama3 (built in)", True
+    return [LLAMA3_TEMPLATE.format(prompt=p) for p in prompts], "llama3", True
 
 
 SAFETY_FILES_HELP = ("one JSON object per line with a 'prompt' (XSTest also a 'label': safe|unsafe); "
