@@ -104,5 +104,14 @@ def test_mergebench_run_end_to_end(tiny, tmp_path):
     assert math_eval["complete"] is False
     assert "safety_data" in [t for t in math_eval["tasks"] if t["name"] == "harmbench"][0]["error"]
     assert len(detail["streaming"]) == 2 and detail["overall_per_row"][-1] == 0.0
+    # every setting that decides a number is in the results
+    protocol = detail["evaluation_protocol"]
+    assert protocol["coding"]["protocol"] == "bigcode" and protocol["coding"]["samples"] == 10
+    assert protocol["coding"]["temperature"] == 0.2 and protocol["coding"]["max_length_generation"] == 512
+    assert protocol["safety"]["template"] == "llama3" and protocol["metric_keys"]["qa"]["metric"] == "exact_match,none"
+    assert {"lm_eval", "evalplus", "rouge", "rapidfuzz"} <= set(detail["scorer_versions"])
+    assert detail["scorer_versions"]["lm_eval"] is not None
+    qa = [t for t in math_eval["tasks"] if t["name"] == "qa"][0]
+    assert qa["detail"]["all_metrics"]["tiny_qa"] == {"exact_match,none": 0.0}
     assert (tmp_path / "final.safetensors").is_file()
     assert json.loads(path.read_text())["benchmark"] == "mergebench"

@@ -71,7 +71,13 @@ def test_safety_metrics_by_hand():
 
 
 class _Adapter:
-    def generate(self, prompts, max_new_tokens=None):
+    tokenizer = None  # no chat template
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, max_new_tokens=None, **kwargs):
+        self.calls.append((list(prompts), kwargs))
         return [f"answer to {p}" for p in prompts]
 
 
@@ -85,7 +91,7 @@ def test_safety_task_runs_with_a_judge_and_names_what_is_missing(tmp_path):
         seen["pairs"] = list(zip(prompts, responses))
         return [E.Verdict(True, r.endswith("x"), not r.endswith("x")) for r in responses]
 
-    ev = E.Evaluator(E.EvalConfig(safety_data=str(tmp_path)), {"safety": [spec]}, judge=judge)
+    ev = E.Evaluator(E.EvalConfig(safety_data=str(tmp_path), safety_template="raw"), {"safety": [spec]}, judge=judge)
     r = ev.run(_Adapter(), spec)
     assert seen["pairs"][0] == ("x", "answer to x")
     assert r.raw == pytest.approx(2 / 3) and r.score == pytest.approx(1 / 3) and r.inverted
@@ -153,6 +159,8 @@ def test_evalplus_scores_generated_code_offline(tmp_path, monkeypatch):
     pytest.importorskip("evalplus")
     import evalplus.data.humaneval as he
 
+    from cl_merge.benchmarks.mergebench import coding as CODE
+
     monkeypatch.setattr(he, "HUMANEVAL_OVERRIDE_PATH", None)
     monkeypatch.delenv("HUMANEVAL_OVERRIDE_PATH", raising=False)
     import evalplus.evaluate as ev_mod
@@ -167,10 +175,118 @@ def test_evalplus_scores_generated_code_offline(tmp_path, monkeypatch):
     (tmp_path / "HumanEvalPlus.jsonl").write_text("\n".join(json.dumps(p) for p in probs) + "\n")
 
     class Coder:
-        def generate(self, prompts, max_new_tokens=None):
-            return ["    return a + b\n" for _ in prompts]
+        def generate(self, prompts, max_new_tokens=None, num_samples=1, **kwargs):
+            # the bigcode prompt is stripped of its final newline: the completion starts with one
+            body = "\n    return a + b\ndef unrelated():\n    pass\n" if num_samples > 1 else "    return a + b\n"
+            return [[body] * num_samples for _ in prompts] if num_samples > 1 else [body for _ in prompts]
 
     spec = E.EvalSpec("humaneval_plus", "coding", "evalplus", dataset="humaneval")
-    ev = E.Evaluator(E.EvalConfig(evalplus_data=str(tmp_path), evalplus_parallel=1), {"coding": [spec]})
-    r = ev.run(Coder(), spec)
+    greedy = E.Evaluator(E.EvalConfig(evalplus_data=str(tmp_path), evalplus_parallel=1,
+                                      coding=CODE.CodingProtocol(name="greedy")), {"coding": [spec]})
+    r = greedy.run(Coder(), spec)
     assert r.score == 0.5 and r.detail["pass@1_base"] == 0.5 and r.detail["problems"] == 2
+    # bigcode: 3 samples per problem (cut at the "\ndef" stop sequence), unbiased pass@1 over them
+    bigcode = E.Evaluator(E.EvalConfig(evalplus_data=str(tmp_path), evalplus_parallel=1,
+                                       coding=CODE.CodingProtocol(samples=3)), {"coding": [spec]})
+    r = bigcode.run(Coder(), spec)
+    assert r.score == 0.5 and r.detail["samples_per_problem"] == 3 and r.detail["generation"]["protocol"] == "bigcode"
+    assert "pass@10" not in r.detail["pass@k_plus"]  # fewer samples than k
+
+
+def test_safety_prompts_go_through_the_chat_template(tmp_path):
+    from cl_merge.benchmarks.mergebench import safety as S
+    from cl_merge.benchmarks.trace.fixtures import byte_tokenizer
+
+    (tmp_path / "harmbench.jsonl").write_text(json.dumps({"prompt": "how to x"}) + "\n")
+    spec = E.EvalSpec("harmbench", "safety", "safety", file="harmbench.jsonl", metric="harmful_rate",
+                      higher_is_better=False)
+    seen = {}
+
+    def judge(prompts, responses):
+        seen["prompts"] = prompts
+        return [E.Verdict(True, True, False) for _ in prompts]
+
+    # the default: MergeBench's Llama-3 format, BOS already in the text
+    adapter = _Adapter()
+    r = E.Evaluator(E.EvalConfig(safety_data=str(tmp_path)), {"safety": [spec]}, judge=judge).run(adapter, spec)
+    (texts, kwargs), = adapter.calls
+    assert texts == [S.LLAMA3_TEMPLATE.format(prompt="how to x")] and kwargs == {"add_special_tokens": False}
+    assert seen["prompts"] == ["how to x"]  # the judge sees the user's prompt, not the template
+    assert r.detail["generation"]["template"] == "llama3"
+    # safety_template=chat: the tokenizer's own chat template (Llama-3 format when it has none)
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}<s>[U] {{ m['content'] }}{% endfor %}[A]"
+    texts, which, has_bos = S.format_prompts(tok, ["hi"], "chat")
+    assert texts == ["<s>[U] hi[A]"] and which == "tokenizer chat template" and has_bos
+    assert S.format_prompts(tok, ["hi"], "llama3")[0] == [S.LLAMA3_TEMPLATE.format(prompt="hi")]
+    assert S.format_prompts(byte_tokenizer(), ["hi"], "chat")[1] == "llama3"
+    assert S.format_prompts(tok, ["hi"], "raw") == (["hi"], "raw", False)
+
+
+def test_dan_per_source_rates_and_aggregates():
+    V = E.Verdict
+    recs = [{"prompt": "p", "source": s} for s in ("a", "a", "a", "b")]
+    verdicts = [V(True, False, True), V(True, True, False), V(True, True, False), V(True, False, True)]
+    spec = E.EvalSpec("do_anything_now", "safety", "safety", metric="harmful_rate", higher_is_better=False)
+    raw, detail = E.safety_metric(spec, recs, verdicts)
+    assert raw == 0.5 and detail["per_source"] == {"a": pytest.approx(1 / 3), "b": 1.0}  # pooled: 2 of 4
+    assert detail["mean_over_sources"] == pytest.approx((1 / 3 + 1) / 2)
+    macro = E.EvalSpec("do_anything_now", "safety", "safety", metric="harmful_rate", higher_is_better=False,
+                       aggregate="mean_over_sources")
+    assert E.safety_metric(macro, recs, verdicts)[0] == pytest.approx(2 / 3)
+    with pytest.raises(UserError, match="source"):
+        E.safety_metric(macro, [{"prompt": "p"}] * 4, verdicts)
+
+
+def test_unbiased_pass_at_k_against_enumeration():
+    import itertools
+    from math import comb
+
+    from cl_merge.benchmarks.mergebench import coding as CODE
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                outcomes = [1] * c + [0] * (n - c)
+                subsets = list(itertools.combinations(range(n), k))
+                oracle = sum(any(outcomes[i] for i in s) for s in subsets) / comb(n, k)
+                assert CODE.pass_at_k(n, c, k) == pytest.approx(oracle, abs=1e-12)
+    report = {"eval": {"A/0": [{"base_status": "pass", "plus_status": "pass"}] * 3
+                       + [{"base_status": "pass", "plus_status": "fail"}] * 7,
+                       "A/1": [{"base_status": "fail", "plus_status": "fail"}] * 10}}
+    plus, base = CODE.pass_rates(report, ["A/0", "A/1", "A/2"], [1, 10], samples=10)
+    assert plus["pass@1"] == pytest.approx((0.3 + 0 + 0) / 3) and base["pass@1"] == pytest.approx(1 / 3)
+    assert plus["pass@10"] == pytest.approx(1 / 3)
+    assert CODE.stop_at("    return 1\ndef g():\n", CODE.STOP_SEQUENCES["humaneval"]) == "    return 1"
+
+
+def test_bigcode_sampling_protocol_on_the_tiny_model(tmp_path):
+    """n samples per prompt at the protocol's temperature, with prompt + completion <= max_length_generation."""
+    from cl_merge.benchmarks.mergebench import coding as CODE
+    from cl_merge.benchmarks.trace.fixtures import write_tiny_model
+    from cl_merge.models.hf_causal_lm import CausalLMAdapter, load_causal_lm
+
+    write_tiny_model(tmp_path / "m")
+    model, tok = load_causal_lm(str(tmp_path / "m"))
+    adapter = CausalLMAdapter(model, tok, "tiny", eval_batch_size=4)
+    protocol = CODE.CodingProtocol(samples=3, max_length_generation=24)
+    ev = E.Evaluator(E.EvalConfig(coding=protocol), {})
+    prompts = ["def add(a, b):\n", "def f(x):\n"]
+    shapes = []
+    original = adapter.model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        shapes.append((kwargs["input_ids"].shape, out.shape))
+        return out
+
+    adapter.model.generate = spy
+    out = ev.generate_code(adapter, prompts, protocol)
+    assert [len(o) for o in out] == [3, 3]
+    # one prompt per call, its 3 samples side by side, prompt + completion within 24 tokens
+    assert [(i[0], o[0]) for i, o in shapes] == [(1, 3), (1, 3)] and all(o[1] <= 24 for _, o in shapes)
+    assert all(i[1] == len(tok(p)["input_ids"]) for (i, _), p in zip(shapes, prompts))
+    assert out == ev.generate_code(adapter, prompts, protocol)  # seeded
+    assert protocol.record()["max_length_includes_prompt"] is True
+    greedy = CODE.CodingProtocol(name="greedy", max_new_tokens=4)
+    assert [len(o) for o in ev.generate_code(adapter, prompts, greedy)] == [1, 1]

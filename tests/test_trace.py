@@ -232,6 +232,9 @@ def test_cft_forgets_and_saim_runs(tiny, tmp_path):
         assert detail["task_metrics"] == {"C-STANCE": "accuracy", "ScienceQA": "first_char_accuracy",
                                           "MeetingBank": "rouge_l", "Py150": "edit_similarity", "20Minuten": "sari"}
         assert detail["decoding"]["strategy"] == "greedy" and r["hyperparameters"]["benchmark.temperature"] == 0.0
+        # TRACE's own scoring rules and decoding by default, recorded with the scorer versions
+        assert detail["scoring"] == "reference" and detail["decoding"]["clean_up_tokenization_spaces"] is False
+        assert detail["scorer_versions"]["rouge"] == "1.0.1" and "rouge_fallbacks" in detail
     cft = results["c-ft"]
     assert cft["bwt"] < -0.2, cft["acc_matrix"]
     # the experts learned their rule (the untrained model's row 0 is near 0 on the exact-match tasks)

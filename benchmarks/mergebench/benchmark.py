@@ -24,6 +24,8 @@ from cl_merge.registry import register_benchmark
 from cl_merge.task import Stream, Task, take_prefix
 
 from . import checkpoints as C
+from ..scorer_versions import scorer_versions
+from .coding import CodingProtocol
 from .evaluation import EvalConfig, Evaluator, load_specs, summarize
 
 SEED_ORDER = ("instruction", "math", "multilingual", "coding", "safety")
@@ -66,7 +68,16 @@ class MergeBenchBenchmark(Benchmark):
     limit: Optional[int] = None  # per evaluation task (smoke runs only; recorded)
     apply_chat_template: bool = False  # lm-eval chat formatting (instruct bases)
     max_length: int = 4096  # context budget of generation (prompt + new tokens)
-    max_new_tokens: int = 512  # coding and safety generations
+    max_new_tokens: int = 512  # safety generations and greedy coding
+    # coding: MergeBench's bigcode protocol (n samples at T/top-p, max_length_generation tokens incl. the
+    # prompt, unbiased pass@1) or greedy (one completion, max_new_tokens new tokens)
+    coding_protocol: Literal["bigcode", "greedy"] = "bigcode"
+    coding_samples: int = 10
+    coding_temperature: float = 0.2
+    coding_top_p: float = 0.95
+    coding_max_length: int = 512
+    coding_seed: int = 0
+    safety_template: Literal["llama3", "chat", "raw"] = "llama3"  # MergeBench's Llama-3 format, the tokenizer's own, raw
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     safety_data: Optional[str] = None  # folder with wildguardtest/harmbench/do_anything_now/xstest .jsonl
     safety_judge: str = "allenai/wildguard"  # the judge model (gated on the hub) or a local folder
@@ -88,6 +99,10 @@ class MergeBenchBenchmark(Benchmark):
         if unknown or missing:
             raise ValueError(f"evaluation task list must cover exactly the domains {', '.join(SEED_ORDER)} "
                              f"(missing: {missing or 'none'}, unknown: {unknown or 'none'})")
+        self._coding = CodingProtocol(name=self.coding_protocol, samples=self.coding_samples,
+                                      temperature=self.coding_temperature, top_p=self.coding_top_p,
+                                      max_length_generation=self.coding_max_length,
+                                      max_new_tokens=self.max_new_tokens, seed=self.coding_seed)
         self._base_dir: Optional[Path] = None
         self._evaluator: Optional[Evaluator] = None
         self._device = "cpu"
@@ -135,9 +150,24 @@ class MergeBenchBenchmark(Benchmark):
                                 builtin_tasks=self.lm_eval_builtin_tasks,
                                 apply_chat_template=self.apply_chat_template, max_new_tokens=self.max_new_tokens,
                                 safety_data=self.safety_data, safety_judge=self.safety_judge,
-                                evalplus_data=self.evalplus_data)
+                                evalplus_data=self.evalplus_data, coding=self._coding,
+                                safety_template=self.safety_template)
             self._evaluator = Evaluator(config, self._specs)
         return self._evaluator
+
+    def protocol_record(self) -> Dict[str, Any]:
+        """Every generation/scoring setting that decides a MergeBench number (results: evaluation_protocol)."""
+        return {
+            "coding": self._coding.record(),
+            "safety": {"template": self.safety_template, "decoding": "greedy", "max_new_tokens": self.max_new_tokens,
+                       "judge": self.safety_judge},
+            "lm_eval": {"apply_chat_template": self.apply_chat_template, "limit": self.limit,
+                        "bootstrap_iters": 0},
+            "metric_keys": {s.name: {"metric": s.metric or ("pass@1" if s.kind == "evalplus" else None),
+                                     "aggregate": s.aggregate if s.kind == "safety" else None,
+                                     "source": s.source}
+                            for specs in self._specs.values() for s in specs},
+        }
 
     # ---- stream ---------------------------------------------------------------------------------------
     def build_stream(self, order: Any, seed: int) -> MergeBenchStream:
@@ -146,6 +176,8 @@ class MergeBenchBenchmark(Benchmark):
         stream.settings = {"base": self.base_ref(), "limit": self.limit,
                            "eval_tasks": {d: [s.name for s in self._specs[d]] for d in domains},
                            "experts": {d: self.expert_ref(d) for d in domains},
+                           "evaluation_protocol": self.protocol_record(),
+                           "scorer_versions": scorer_versions(),
                            "conventions": {"domain_score": "mean of the domain's task scores (tasks that ran)",
                                            "overall": "mean of the domain scores (= acc for the final row)",
                                            "lower_is_better": "rates inverted to 1 - rate; raw kept, inverted=true"}}

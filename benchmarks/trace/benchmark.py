@@ -10,9 +10,12 @@ mergers as the vision suites.
 * Data: TRACE's archive layout, ``data_dir/<task>/{train,eval,test}.json`` (see ``data.py``);
   ``eval.json`` is the validation split. ``max_train``/``max_eval``/``max_test`` keep the first N
   records of a split (TRACE's variants use 500/1000/5000 training examples).
-* Scores: each task's metric in [0, 1] (``metrics.py``) on generated answers; the per-task metric,
-  TRACE's own scale for it, and the decoding settings are recorded in the results under
-  ``benchmark_detail``.
+* Scores: each task's metric in [0, 1] on generated answers. ``scoring=reference`` (default) applies
+  TRACE's own scorer rules (``reference.py``: raw strings, the ``rouge`` package, fuzzywuzzy's
+  difflib ratio, Hugging Face's SARI) and decodes as TRACE does (``clean_up_tokenization_spaces=
+  False``); ``scoring=robust`` the lenient rules of ``metrics.py`` (each difference listed there).
+  The per-task metric, TRACE's own scale for it, the scoring mode, the scorer packages' versions,
+  the ROUGE-L fallbacks used and the decoding settings are recorded under ``benchmark_detail``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cl_merge.errors import UserError
 from cl_merge.registry import register_benchmark
 from cl_merge.task import Stream, Task, take_prefix
 
+from ..scorer_versions import scorer_versions
 from . import metrics as M
 from .data import load_task, task_dir
 
@@ -49,9 +53,10 @@ class TraceEvaluator:
     input sequences).
     """
 
-    def __init__(self, metric: str, max_new_tokens: Optional[int]):
+    def __init__(self, metric: str, max_new_tokens: Optional[int], scoring: str = "reference"):
         self.metric = metric
         self.max_new_tokens = max_new_tokens
+        self.scorer = M.Scorer(metric, scoring)
         self._budget: Dict[str, int] = {}
 
     def budget(self, adapter, task: Task) -> int:
@@ -67,7 +72,7 @@ class TraceEvaluator:
         records = list(task.split(split))
         prompts = [r["prompt"] for r in records]
         predictions = adapter.generate(prompts, max_new_tokens=self.budget(adapter, task))
-        return M.score(self.metric, predictions, [r["answer"] for r in records], prompts)
+        return self.scorer(predictions, [r["answer"] for r in records], prompts)
 
 
 @dataclasses.dataclass
@@ -75,7 +80,10 @@ class TraceStream(Stream):
     detail: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def results_detail(self) -> Dict[str, Any]:
-        return self.detail
+        fallbacks = {t.name: t.evaluator.scorer.fallbacks for t in self.tasks
+                     if isinstance(t.evaluator, TraceEvaluator) and t.evaluator.scorer.fallbacks}
+        # counts over every evaluation of the run (each matrix cell scores the task's split once)
+        return {**self.detail, "rouge_fallbacks": fallbacks}
 
 
 @register_benchmark
@@ -106,6 +114,7 @@ class TraceBenchmark(Benchmark):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     include_embeddings: bool = False  # also merge/train token embeddings and the LM head
+    scoring: Literal["reference", "robust"] = "reference"  # TRACE's own scorer rules, or the lenient ones
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -164,14 +173,19 @@ class TraceBenchmark(Benchmark):
             eval_batch_size=self.generation_batch_size or eval_batch_size,
             include_embeddings=self.include_embeddings, temperature=self.temperature, top_p=self.top_p,
             generation_seed=self.generation_seed, precision=precision,
-            gradient_checkpointing=self.gradient_checkpointing)
+            gradient_checkpointing=self.gradient_checkpointing,
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces())
+
+    def clean_up_tokenization_spaces(self) -> Optional[bool]:
+        """TRACE decodes with ``clean_up_tokenization_spaces=False``; robust keeps the tokenizer's default."""
+        return False if self.scoring == "reference" else None
 
     def build_task(self, name: str) -> Task:
         metric = self.metric_of(name)
         caps = {"train": self.max_train, "val": self.max_eval, "test": self.max_test}
         splits, fingerprint = load_task(self.data_dir, name, caps)
         return Task(name=name, classnames=(), templates=(), fingerprint=fingerprint,
-                    evaluator=TraceEvaluator(metric, self.max_new_tokens),
+                    evaluator=TraceEvaluator(metric, self.max_new_tokens, self.scoring),
                     metadata={"metric": metric, "trace_scale": M.SCALES[metric]}, **splits)
 
     def build_stream(self, order: Any, seed: int) -> Stream:
@@ -182,6 +196,14 @@ class TraceBenchmark(Benchmark):
             # TRACE reports these metrics on 0-1 or 0-100; the matrix holds them all on [0, 1]
             "trace_scale": {t.name: t.metadata["trace_scale"] for t in tasks},
             "score_range": [0, 1],
+            "scoring": self.scoring,
+            "scorer_versions": scorer_versions(),
+            "scorer_backends": ({"rouge_l": "rouge (summary-level, TRACE's argument order)",
+                                 "edit_similarity": "difflib SequenceMatcher (fuzzywuzzy without python-Levenshtein)",
+                                 "sari": "cl_merge, Hugging Face's SARI with sacrebleu 13a tokenisation"}
+                                if self.scoring == "reference" else
+                                {"rouge_l": "rouge-score", "edit_similarity": "rapidfuzz",
+                                 "sari": "cl_merge, Hugging Face's SARI with sacrebleu 13a tokenisation"}),
             "split_sizes": {t.name: {s: len(t.split(s)) for s in ("train", "val", "test")} for t in tasks},
             "decoding": {
                 "strategy": "sample" if self.temperature > 0 else "greedy",
@@ -191,6 +213,8 @@ class TraceBenchmark(Benchmark):
                 "max_new_tokens": self.max_new_tokens if self.max_new_tokens is not None
                 else f"auto (longest train answer + {AUTO_BUDGET_MARGIN}, at most {AUTO_BUDGET_CAP})",
                 "padding_side": "left",
+                "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces(),
+                "skip_special_tokens": True,
                 "reproducible": self.temperature == 0,
             },
             "mergeable": "all transformer weights" + (" incl. embeddings and LM head" if self.include_embeddings

@@ -6,8 +6,9 @@ tokenizer built locally (nothing downloaded), and synthetic tasks in TRACE's lay
         benchmark.data_dir=OUT_DIR/data benchmark.tasks=C-STANCE,ScienceQA,MeetingBank,Py150,20Minuten \\
         learner.steps=60 learner.lr=3e-3
 
-The synthetic tasks share one pool of prompts' content words and give them *conflicting* answers
-(each task its own rule), one task per metric type, so sequential fine-tuning forgets.
+The synthetic tasks (all eight of TRACE's names, answers in each task's own format) share one pool
+of prompts' content words and give them *conflicting* answers (each task its own rule), so
+sequential fine-tuning forgets.
 """
 
 from __future__ import annotations
@@ -21,31 +22,44 @@ from typing import Dict, List
 SPECIALS = ["<s>", "</s>", "<pad>"]
 WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "ocean"]
 
-# One rule per task (each task: its metric type via the TRACE name). Answers are short so that
-# generation stays cheap; every rule maps the same words to different strings.
-_LABELS = ["yes", "no", "maybe"]
+# One rule per task, answers in the format TRACE's data uses for that task (what its scorer expects):
+# C-STANCE and FOMC an option letter alone, ScienceQA the letter then "\n" and the reasoning (TRACE
+# reads the first character), NumGLUE a bare number, MeetingBank a summary sentence, Py150 a code
+# line with TRACE's <EOL> and literal tokens, 20Minuten a simplified German sentence. Answers are
+# short so that generation stays cheap; every rule maps the same words to different strings.
+_LETTERS = "ABC"
+_GERMAN = ["Apfel", "Fluss", "Stein", "Wolke", "Ahorn", "Tiger", "Zitrone", "Ozean"]
 
 
 def _answer(task: str, i: int, w: str) -> str:
-    if task == "C-STANCE":  # exact match over 3 labels
-        return _LABELS[i % 3]
-    if task == "ScienceQA":  # first character (option letter) + a reason
-        return f"Answer: {'ABCD'[(i * 3 + 1) % 4]}\nBecause {w[:3]}"
-    if task == "MeetingBank":  # ROUGE-L: a two-word summary
-        return f"{WORDS[(i + 3) % 8]} {WORDS[(i + 5) % 8]}"
-    if task == "Py150":  # edit similarity on a code line with a literal token
-        return f"x = {w[::-1]} ( <NUM_LIT:{i}> )"
-    if task == "20Minuten":  # SARI: the source sentence simplified
-        return f"the {w} is {WORDS[(i + 1) % 8]}"
+    if task == "C-STANCE":  # exact match over 3 option letters
+        return _LETTERS[i % 3]
+    if task == "FOMC":  # exact match over 3 option letters, another rule
+        return _LETTERS[(i + 1) % 3]
+    if task == "ScienceQA":  # first character (option letter), then the reasoning
+        return f"{'ABCD'[(i * 3 + 1) % 4]}\nBecause {w[:3]}."
+    if task == "NumGLUE-cm":  # exact match on a number
+        return str(len(w) + i)
+    if task == "NumGLUE-ds":
+        return str(i * 2)
+    if task == "MeetingBank":  # ROUGE-L: a one-sentence summary
+        return f"The {WORDS[(i + 3) % 8]} {WORDS[(i + 5) % 8]} was approved."
+    if task == "Py150":  # edit similarity on a code line with literal tokens
+        return f"x = {w[::-1]} ( <NUM_LIT:{i}> ) <EOL>"
+    if task == "20Minuten":  # SARI: the German source sentence simplified
+        return f"Der {_GERMAN[i]} ist gross."
     raise ValueError(task)
 
 
 _PROMPT = {
-    "C-STANCE": "Stance of: {w}\nStance:",
+    "C-STANCE": "Stance towards {w}? A. favor, B. against, C. neutral. Answer A, B or C.\n",
+    "FOMC": "Monetary policy stance of: {w} rates\nA. dovish, B. hawkish, C. neutral. Choose one from A, B and C.\n",
     "ScienceQA": "Question about {w}? Choices: A B C D\n",
+    "NumGLUE-cm": "How many letters in {w}, plus its rank?\n",
+    "NumGLUE-ds": "Twice the rank of {w}?\n",
     "MeetingBank": "Summarize: {w} meeting\nSummary:",
     "Py150": "Complete: def {w} ( ) : <EOL>",
-    "20Minuten": "Simplify: the very old {w} is a great {w2} indeed\n",
+    "20Minuten": "Vereinfache: Der sehr alte {w} ist ein grosser {w2}.\n",
 }
 SYNTHETIC_TASKS = list(_PROMPT)
 

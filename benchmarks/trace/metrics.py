@@ -15,12 +15,24 @@ NumGLUE-ds    ``accuracy`` exact match      0-1
 20Minuten     ``sari``                      0-100 (Hugging Face ``evaluate`` SARI)
 ============  ===========================  ===========================================
 
-Conventions shared by every metric here:
+Two scoring modes (``benchmark.scoring``):
 
-* a corpus score is the mean of per-example scores over *all* examples;
-* an empty prediction (nothing but whitespace) scores 0 and counts in the mean (TRACE skips empty
-  predictions in the sum but still divides by the number of examples: the same thing);
-* predictions and references are compared after ``str.strip()``.
+* ``reference`` (default): TRACE's own rules, the numbers its scorer gives (``reference.py``).
+* ``robust``: the lenient rules in this module. Each differs from ``reference`` as follows:
+
+  - every metric: predictions and references are ``str.strip()``-ed first, and a prediction of
+    nothing but whitespace scores 0 (reference: no strip; only ``""`` scores 0);
+  - ``accuracy``: equality after stripping (reference: raw equality; ``" A"``/``"A\\n"`` miss);
+  - ``first_char_accuracy``: the first non-space character after an ``Answer:`` tag if the text has
+    one, else the first non-space character (reference: the first character, whatever it is);
+  - ``rouge_l``: Google's ``rouge-score`` ROUGE-L F1 over lower-cased alphanumeric tokens, the LCS of
+    the whole text (reference: the ``rouge`` package, case-sensitive, split on whitespace and
+    '.', summary-level union LCS over distinct words);
+  - ``edit_similarity``: ``rapidfuzz`` Levenshtein indel ratio without rounding, two empty
+    normalised texts score 1 (reference: fuzzywuzzy's difflib ratio rounded to an integer per
+    example, an empty normalised text scores 0);
+  - ``sari``: an empty prediction scores 0 (reference: scored as Hugging Face does; 13-49 points on
+    the tests' cases, as deleting every source n-gram earns deletion credit).
 """
 
 from __future__ import annotations
@@ -42,8 +54,9 @@ _ANSWER_TAG = "Answer:"
 
 
 def answer_choice(text: str) -> str:
-    """The option letter of a ScienceQA output: the first non-space character after ``Answer:``
-    when the text has that tag (TRACE's ``resolve``), otherwise the first non-space character."""
+    """The option letter of a ScienceQA output (robust mode): the first non-space character after
+    ``Answer:`` when the text has that tag, otherwise the first non-space character. TRACE itself
+    takes the first character (``reference.first_char_accuracy``)."""
     at = text.find(_ANSWER_TAG)
     rest = text[at + len(_ANSWER_TAG):] if at >= 0 else text
     rest = rest.strip()
@@ -62,9 +75,8 @@ _ROUGE = None
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of tokens) from Google's ``rouge-score``: tokens are
-    lower-cased alphanumeric runs, no stemming. ``rouge-score`` handles long single sentences,
-    where the ``rouge`` package TRACE uses fails."""
+    """Robust mode: ROUGE-L F1 (longest common subsequence of tokens) from Google's ``rouge-score``;
+    tokens are lower-cased alphanumeric runs, no stemming."""
     global _ROUGE
     if not prediction.strip():
         return 0.0
@@ -161,9 +173,12 @@ def _sari_n(source: Counter, candidate: Counter, refs: List[Counter], num_refs: 
     return keep, delete_p, add
 
 
-def sari_sentence(source: str, prediction: str, references: Sequence[str], normalise: bool = True) -> float:
-    """SARI of one prediction in [0, 1] (Hugging Face reports 100 x this). Empty prediction -> 0."""
-    if not prediction.strip():
+def sari_sentence(source: str, prediction: str, references: Sequence[str], normalise: bool = True,
+                  empty_is_zero: bool = True) -> float:
+    """SARI of one prediction in [0, 1] (Hugging Face reports 100 x this). A prediction of nothing but
+    whitespace scores 0 with ``empty_is_zero`` (robust); without it, it is scored like any other
+    (Hugging Face: one empty token)."""
+    if empty_is_zero and not prediction.strip():
         return 0.0
     prep = (lambda s: tokenize_13a(s.lower())) if normalise else (lambda s: s)
     s_tok = prep(source).split(" ")
@@ -227,7 +242,42 @@ SCALES: Dict[str, int] = {"accuracy": 1, "first_char_accuracy": 1, "rouge_l": 1,
                           "sari": 100}
 
 
-def score(metric: str, predictions: Sequence[str], references: Sequence[str], sources: Sequence[str]) -> float:
-    if metric not in METRICS:
-        raise ValueError(f"unknown TRACE metric {metric!r}; known: {', '.join(METRICS)}")
-    return METRICS[metric](predictions, references, sources)
+SCORING_MODES = ("reference", "robust")
+
+
+class Scorer:
+    """One task's metric in one scoring mode: ``scorer(predictions, references, sources)`` -> [0, 1].
+    ``fallbacks`` counts the reference ROUGE-L inputs the ``rouge`` package could not score."""
+
+    def __init__(self, metric: str, scoring: str = "reference"):
+        if metric not in METRICS:
+            raise ValueError(f"unknown TRACE metric {metric!r}; known: {', '.join(METRICS)}")
+        if scoring not in SCORING_MODES:
+            raise ValueError(f"unknown scoring mode {scoring!r}; known: {', '.join(SCORING_MODES)}")
+        self.metric, self.scoring = metric, scoring
+        self._rouge = None
+        if scoring == "robust":
+            self._fn = METRICS[metric]
+        else:
+            from . import reference as R
+
+            if metric == "sari":
+                self._fn = R.sari
+            else:
+                if metric == "rouge_l":
+                    self._rouge = R.RougeL()
+                pairwise = {"accuracy": R.exact_match, "first_char_accuracy": R.first_char_accuracy,
+                            "rouge_l": self._rouge, "edit_similarity": R.edit_similarity}[metric]
+                self._fn = _pairwise(pairwise)
+
+    @property
+    def fallbacks(self) -> Dict[str, int]:
+        return dict(self._rouge.fallbacks) if self._rouge is not None else {}
+
+    def __call__(self, predictions: Sequence[str], references: Sequence[str], sources: Sequence[str] = ()) -> float:
+        return self._fn(predictions, references, sources)
+
+
+def score(metric: str, predictions: Sequence[str], references: Sequence[str], sources: Sequence[str],
+          scoring: str = "reference") -> float:
+    return Scorer(metric, scoring)(predictions, references, sources)

@@ -63,7 +63,8 @@ class CausalLMAdapter(ModelAdapter):
     def __init__(self, model, tokenizer, model_id: str, device: str = "cpu", max_length: int = 2048,
                  max_new_tokens: int = 512, eval_batch_size: int = 16, include_embeddings: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, generation_seed: int = 0,
-                 precision: str = "fp32", gradient_checkpointing: bool = False):
+                 precision: str = "fp32", gradient_checkpointing: bool = False,
+                 clean_up_tokenization_spaces: Optional[bool] = None):
         if precision not in _AUTOCAST:
             raise UserError(f"precision must be one of {', '.join(_AUTOCAST)}; got {precision!r}")
         if temperature < 0:
@@ -82,6 +83,8 @@ class CausalLMAdapter(ModelAdapter):
         self.top_p = top_p
         self.generation_seed = generation_seed
         self.precision = precision if self._device.type == "cuda" else "fp32"
+        # None: the tokenizer's own default; TRACE decodes with False (no " ." -> "." rewriting)
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.num_workers = 0
         if tokenizer.pad_token_id is None:  # Llama 3 has no pad token: pad with EOS (masked anyway)
             tokenizer.pad_token = tokenizer.eos_token
@@ -190,26 +193,47 @@ class CausalLMAdapter(ModelAdapter):
 
     # ---- generation and scoring -------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: Optional[int] = None) -> List[str]:
-        """Completions of ``prompts`` (left-padded batches); greedy unless ``temperature > 0``."""
+    def generate(self, prompts: Sequence[str], max_new_tokens: Optional[int] = None, *,
+                 num_samples: int = 1, temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 max_total_tokens: Optional[int] = None, seed: Optional[int] = None,
+                 add_special_tokens: bool = True) -> List:
+        """Completions of ``prompts`` (left-padded batches); greedy unless the temperature is > 0.
+
+        The keyword arguments override the adapter's settings for one call (MergeBench's coding
+        protocol): ``num_samples`` > 1 returns a list of that many completions per prompt;
+        ``max_total_tokens`` caps prompt + completion (bigcode's ``max_length_generation``) instead
+        of the new tokens alone; ``add_special_tokens=False`` for prompts that already carry the
+        BOS (chat-template output)."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
+        temperature = self.temperature if temperature is None else temperature
+        top_p = self.top_p if top_p is None else top_p
+        seed = self.generation_seed if seed is None else seed
         budget = int(max_new_tokens or self.max_new_tokens)
         room = max(self.max_length - budget, 1)
-        sample = self.temperature > 0
+        sample = temperature > 0
+        if num_samples > 1 and not sample:
+            raise UserError(f"{num_samples} samples per prompt need a temperature > 0")
         config = GenerationConfig(max_new_tokens=budget, do_sample=sample,
-                                  temperature=self.temperature if sample else None,
-                                  top_p=self.top_p if sample else None, top_k=None if not sample else 0,
+                                  temperature=temperature if sample else None,
+                                  top_p=top_p if sample else None, top_k=None if not sample else 0,
+                                  num_return_sequences=num_samples,
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                   bos_token_id=tok.bos_token_id)
-        outputs: List[str] = []
+        decode_kwargs = {"skip_special_tokens": True}
+        if self.clean_up_tokenization_spaces is not None:
+            decode_kwargs["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        outputs: List = []
         self.model.eval()
-        with _fork_rng(self._device, self.generation_seed if sample else None):
+        with _fork_rng(self._device, seed if sample else None):
             for start in range(0, len(prompts), self.eval_batch_size):
-                encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + self.eval_batch_size]]
+                encoded = [tok(p, add_special_tokens=add_special_tokens)["input_ids"]
+                           for p in prompts[start:start + self.eval_batch_size]]
                 encoded = [e[-room:] if len(e) > room else e for e in encoded]
                 width = max(len(e) for e in encoded)
+                if max_total_tokens is not None:  # the longest prompt of the batch sets the room left
+                    config.max_new_tokens = max(1, min(budget, max_total_tokens - width))
                 ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(encoded), width), dtype=torch.long)
                 for i, e in enumerate(encoded):  # left padding: every prompt ends at the last column
@@ -218,8 +242,10 @@ class CausalLMAdapter(ModelAdapter):
                 with self._autocast():
                     out = self.model.generate(input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
                                               generation_config=config)
-                new = out[:, width:].cpu()
-                outputs.extend(tok.decode(row, skip_special_tokens=True) for row in new)
+                texts = [tok.decode(row, **decode_kwargs) for row in out[:, width:].cpu()]
+                if num_samples > 1:  # generate() returns each prompt's samples next to each other
+                    texts = [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
+                outputs.extend(texts)
         return outputs
 
     @torch.no_grad()
@@ -236,7 +262,8 @@ class CausalLMAdapter(ModelAdapter):
         return {"strategy": "sample" if self.temperature > 0 else "greedy", "temperature": self.temperature,
                 "top_p": self.top_p if self.temperature > 0 else None,
                 "seed": self.generation_seed if self.temperature > 0 else None,
-                "max_new_tokens": self.max_new_tokens, "padding_side": "left"}
+                "max_new_tokens": self.max_new_tokens, "padding_side": "left",
+                "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}
 
 
 @contextlib.contextmanager
