@@ -1,6 +1,6 @@
 """EpiMer: curvature-aware Fréchet mean of the task vectors in a per-task tagged subspace
 ("Model Merging on Loss Landscapes: A Geometry Perspective", Eq. 13/14; supplement B.2–B.4, Case 5;
-``docs/`` has the derivation), all experts at once.
+``docs/multitask-merging.md``), all experts at once.
 
 Per matrix (δ_t = expert_t − θ0 of one m × n weight, T experts, λ_t = 1/T):
 
@@ -36,7 +36,7 @@ each other); the Gram matrix H̄ and the right-hand side are formed in float32 w
 ``FAST_PATH_BOUND`` (checked on H̄'s float64 eigenvalues) and again in float64 otherwise; the p × p
 solve is float64 (Cholesky).
 
-Choices where the paper is silent (recorded in ``docs/``):
+Choices where the paper is silent (also listed in ``docs/multitask-merging.md``):
 
 * ε: ``eps`` = 1e-6 relative to the layer's mean of v̄ (``eps_scale="relative"``: jitter
   ε·mean(v̄) for every task of that layer, so the method is invariant to the loss scale), or an

@@ -310,3 +310,26 @@ def test_bad_inputs_are_one_line_user_errors():
     neg = [{k: -v for k, v in f.items()} for f in fishers]
     with pytest.raises(UserError, match="non-negative"):
         FisherMerger().merge_all(base, experts, fishers=neg)
+
+
+@pytest.mark.parametrize("cls, values", [
+    (IsoCMerger, {"alpha": "1.3"}),
+    (IsoCTSMerger, {"common_space_fraction": "0.5"}),
+    (TSVMerger, {"k": "8", "alpha": "0.7"}),
+    (FisherMerger, {"normalize": "false"}),
+    (DareMerger, {"drop_rate": "0.9", "combine": "ties", "seed": "2"}),
+    (EpiMerMerger, {"k": "16", "aggregator": "frechet_mean", "eps_scale": "absolute"}),
+])
+def test_hyperparameters_are_declared_and_checked(cls, values):
+    merger = cls.build(values)
+    assert set(values) <= set(merger.config())
+    assert merger.protocols == ("multitask",)
+    with pytest.raises(UserError):
+        cls.build({"no_such_setting": 1})
+
+
+def test_out_of_range_settings_are_user_errors():
+    for cls, values in ((TSVMerger, {"k": 0}), (DareMerger, {"drop_rate": 1.0}), (EpiMerMerger, {"eps": 0.0}),
+                        (IsoCTSMerger, {"common_space_fraction": 2.0}), (FisherMerger, {"minimal_fisher_weight": 0})):
+        with pytest.raises(UserError):
+            cls.build(values)
