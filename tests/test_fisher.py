@@ -72,12 +72,19 @@ def test_subsample_size_and_determinism():
         FisherSettings(fraction=1.5)
 
 
-def test_clip_adapter_per_sample_loss_gives_the_loop_fisher(tmp_path):
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
     from cl_merge.registry import BENCHMARKS
 
     bench = BENCHMARKS.get("mini")(n_train=16, n_val=8, n_test=8)
-    adapter = bench.build_model(tmp_path, "cpu", 16)
-    task = bench.build_task(bench.task_names(1)[0])
+    adapter = bench.build_model(tmp_path_factory.mktemp("heads"), "cpu", 16)
+    return adapter, [bench.build_task(n) for n in bench.task_names(1)[:2]]
+
+
+def test_clip_adapter_per_sample_loss_gives_the_loop_fisher(mini):
+    adapter, tasks = mini
+    task = tasks[0]
+    base_state = adapter.get_state()
     g = torch.Generator().manual_seed(0)
     expert = {k: v + 1e-2 * torch.randn(v.shape, generator=g) for k, v in adapter.get_state().items()}
     settings = FisherSettings(fraction=0.0, min_samples=5, chunk_size=2, batch_size=4, seed=1)
@@ -94,8 +101,35 @@ def test_clip_adapter_per_sample_loss_gives_the_loop_fisher(tmp_path):
         adapter.loss((image.unsqueeze(0), label.reshape(1)), task).backward()
         for n, p in params.items():
             ref[n] += p.grad ** 2
+    adapter.set_state(base_state)
     for n in ref:  # relative to the tensor's norm: the key bias's true gradient is 0 (rounding only)
         assert float((est.diagonal[n] - ref[n] / 5).norm()) <= 1e-5 * float((ref[n] / 5).norm()) + 1e-12, n
+
+
+def test_every_multitask_merger_runs_on_the_mini_tower_with_adapter_fishers(mini):
+    """The real tower's tensor kinds (stacked q/k/v, 4-D conv1, 2-D positional embedding, proj) and
+    Fisher diagonals from the adapter: every merger gives finite weights of the right shapes."""
+    from cl_merge.strategies.dare import DareMerger
+    from cl_merge.strategies.epimer import EpiMerMerger
+    from cl_merge.strategies.fisher_merge import FisherMerger
+    from cl_merge.strategies.iso_merge import IsoCMerger, IsoCTSMerger
+    from cl_merge.strategies.tsv_merge import TSVMerger
+
+    adapter, tasks = mini
+    base = adapter.get_state()
+    g = torch.Generator().manual_seed(1)
+    experts = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in tasks]
+    settings = FisherSettings(fraction=0.0, min_samples=4, chunk_size=4)
+    fishers = [fisher_diagonal(adapter, t, e, settings).diagonal for t, e in zip(tasks, experts)]
+    assert adapter.get_state().keys() == base.keys()
+    assert all(torch.equal(adapter.get_state()[k], base[k]) for k in base)  # Fisher left the model alone
+    for merger in (IsoCMerger(), IsoCTSMerger(), TSVMerger(), FisherMerger(), DareMerger(),
+                   DareMerger(combine="ties"), EpiMerMerger(), EpiMerMerger(nonmatrix="fisher")):
+        out = merger.merge_all(base, experts, fishers=fishers)
+        assert out.keys() == base.keys()
+        for k in base:
+            assert out[k].shape == base[k].shape and out[k].dtype == base[k].dtype
+            assert bool(torch.isfinite(out[k]).all()), (merger.name, k)
 
 
 def test_adapter_without_per_sample_loss_is_a_user_error():
