@@ -136,6 +136,8 @@ def truncated_svd(mat: torch.Tensor, k: int, policy: Policy = "auto"
     ``mat ≈ U diag(σ) Vᵀ``, k' ≤ k (null directions dropped). Returned in ``mat``'s dtype."""
     dtype = mat.dtype
     k = min(k, min(mat.shape))
+    if k <= 0:
+        return mat.new_zeros(mat.shape[0], 0), mat.new_zeros(0), mat.new_zeros(mat.shape[1], 0)
     g = gram_eigh(mat, policy, rank=k)
     keep = _kept(g.lam, k, dtype)
     lam, vec = g.lam[:keep], g.vec[:, :keep]

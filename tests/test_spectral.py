@@ -63,3 +63,8 @@ def test_polar_drops_null_directions():
     u3, s3, v3 = truncated_svd(a, 6)
     assert s3.numel() == 3  # the null pairs are not returned
     assert not bool(polar(torch.zeros(4, 3)).any())
+
+
+def test_rank_zero_truncation_is_empty():
+    u, s, v = truncated_svd(torch.randn(5, 3), 0)
+    assert u.shape == (5, 0) and s.shape == (0,) and v.shape == (3, 0)
