@@ -83,6 +83,14 @@ def test_iso_cts_oracle(fraction):
     _close(_merged_delta(out, base, "bias"), torch.stack(_deltas(base, experts, "bias")).mean(0))
 
 
+def test_iso_cts_with_only_the_common_space_is_iso_c():
+    base, experts, _ = _states(16)
+    a = IsoCTSMerger(common_space_fraction=1.0).merge_all(base, experts)
+    b = IsoCMerger().merge_all(base, experts)
+    for k in base:
+        _close(a[k] - base[k], b[k] - base[k])
+
+
 # ---- TSV-M ------------------------------------------------------------------------------------
 
 def _tsv_oracle(deltas, k):
