@@ -184,6 +184,9 @@ class EpiMerMerger(MultiTaskMerger):
             raise ValueError(f"eps must be > 0 (it keeps every projected curvature positive definite); got {self.eps}")
         self.diagnostics: Dict[str, float] = {}
 
+    def prepare(self, base, experts, fishers):
+        self.diagnostics = {}  # η of this merge only
+
     def merge_matrix(self, deltas, fishers=None, *, name=""):
         k = per_task_rank(deltas[0].shape, len(deltas), self.k, None)
         if k == 0:
