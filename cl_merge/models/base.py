@@ -7,7 +7,7 @@ on a batch, batches of a task's training data, and a score in [0, 1] per task.
 from __future__ import annotations
 
 import abc
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator
 
 import torch
 
@@ -53,6 +53,14 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def score(self, task: Task, split: str = "test") -> float:
         """The adapter's default score in [0, 1] for a task (accuracy for classifiers)."""
+
+    # ---- functional per-sample loss (torch.func), used by the Fisher diagonal (cl_merge.fisher) ----
+    def per_sample_loss(self, task: Task) -> Callable[..., torch.Tensor]:
+        """``loss(params, *sample) -> scalar``: the training loss of ONE sample of ``task`` (a dataset
+        item, no batch dimension) as a pure function of the mergeable parameters (name -> tensor),
+        so ``torch.func.vmap(grad(loss))`` gives per-sample gradients. Optional: adapters without it
+        cannot feed Fisher-based mergers."""
+        raise NotImplementedError
 
     def evaluate(self, task: Task, split: str = "test") -> float:
         if task.evaluator is not None:

@@ -109,6 +109,20 @@ class ClipClassifier(ModelAdapter):
         images, labels = batch
         return F.cross_entropy(self.logits(images, task), labels.to(self._device))
 
+    def per_sample_loss(self, task: Task):
+        """Cross-entropy of one (image, label) through the image tower called with the given
+        parameters (``functional_call``) and the frozen zero-shot head: ``loss`` on a batch of one."""
+        from torch.func import functional_call
+
+        visual, head, scale, device = self.model.visual, self.head(task), self.logit_scale, self._device
+
+        def loss(params, image, label):
+            features = functional_call(visual, params, (image.unsqueeze(0).to(device),))
+            logits = scale * F.normalize(features, dim=-1) @ head.T
+            return F.cross_entropy(logits.float(), label.reshape(1).to(device))
+
+        return loss
+
     def train_batches(self, task: Task, batch_size: int, steps: int, generator: torch.Generator) -> Iterator:
         return _cycle(task.train, batch_size, steps, generator, self.num_workers)
 
