@@ -66,7 +66,7 @@ def shares_experts(config: RunConfig) -> bool:
     from .registry import BENCHMARKS, LEARNERS
 
     cls = LEARNERS.get(config.learner)
-    streaming = getattr(BENCHMARKS.get(config.benchmark), "streaming", False)  # its own loop, no expert cache
+    streaming = BENCHMARKS.get(config.benchmark).parameter_store == "disk"  # experts from files, no expert cache
     return (config.protocol == "independent" and cls.cacheable and not cls.stateful and not streaming
             and bool(config.run_params.get("expert_cache", True)))
 
