@@ -203,7 +203,7 @@ def merge_step(merger, inputs: StepInputs, state: Mapping[str, torch.Tensor], *,
     t0 = time.perf_counter()
     context = context or MergeContext(step=inputs.step)
     names = list(inputs.base) if names is None else names
-    specs = {n: _spec(inputs.base, n) for n in names}
+    specs = {n: spec_of(inputs.base, n) for n in names}
     keys = tuple(merger.tensor_state_keys())
     plan = merger.plan(inputs.step, context)
     reduced: Dict[str, Any] = {}
@@ -264,9 +264,9 @@ def merge_step(merger, inputs: StepInputs, state: Mapping[str, torch.Tensor], *,
     return StepResult(deployed, committed_state, passes, time.perf_counter() - t0)
 
 
-def _spec(store: Mapping[str, torch.Tensor], name: str):
-    spec = getattr(store, "spec", None)
-    if spec is not None:
-        return spec(name)
-    t = store[name]
-    return t.dtype, tuple(t.shape)
+def spec_of(store: Mapping[str, torch.Tensor], name: str):
+    """(dtype, shape) of a store's tensor without reading it; a plain dict (``Merger.merge``) is read."""
+    if isinstance(store, dict) and not hasattr(store, "spec"):
+        t = store[name]
+        return t.dtype, tuple(t.shape)
+    return store.spec(name)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 from .checkpoint import Checkpointer, load_optional
 from .expert_cache import ExpertCache, expert_key
 from .learner import FitContext, Learner
-from .merge_engine import MergeContext, StepInputs, merge_step, split_state
+from .merge_engine import MergeContext, StepInputs, merge_step, spec_of, split_state
 from .merger import Merger
 from .models.base import ModelAdapter
 from .params import clone
@@ -130,7 +130,7 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         record.setdefault(key, [None] * (len(record["expert_acc"])))  # records of older checkpoints
     record["sar_scope"] = sar.scope if sar is not None else None
     record["parameter_store"] = storage.kind
-    record["mergeable_bytes"] = sum(math.prod(_shape(theta0, n)) * 4 for n in names)
+    record["mergeable_bytes"] = sum(math.prod(spec_of(theta0, n)[1]) * 4 for n in names)
 
     use_cache = (cache is not None and protocol == "independent" and learner.cacheable
                  and not learner.stateful and not storage.experts_from_files)
@@ -210,11 +210,6 @@ def _fit_or_cached(adapter, learner: Learner, learner_name: str, task: Task, t: 
     if cache is not None:
         cache.put(key, expert)
     return expert, learner.expert_source
-
-
-def _shape(store, name: str):
-    spec = getattr(store, "spec", None)
-    return spec(name)[1] if spec is not None else tuple(store[name].shape)
 
 
 def _fmt(v) -> str:
