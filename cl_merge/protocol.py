@@ -19,27 +19,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import zlib
 from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import Checkpointer, load_optional
-from .expert_cache import ExpertCache, expert_key
-from .learner import FitContext, Learner
+from .expert_cache import ExpertCache
+from .expert_provider import ExpertProvider, fit_seed  # noqa: F401  (fit_seed: part of this module's API)
+from .learner import Learner
 from .merge_engine import MergeContext, StepInputs, merge_step, spec_of, split_state
 from .merger import Merger
 from .models.base import ModelAdapter
-from .params import clone
 from .progress import Reporter
 from .sar import SARMeter
 from .store import MemoryStorage, Storage
 from .task import Stream, Task
-
-
-def fit_seed(seed: int, task: Task, step: int, protocol: str) -> int:
-    """Per-fit seed from stable ingredients, so a resumed run and an uninterrupted one draw the same
-    batches. Independent experts do not depend on their position (that is what makes them cacheable)."""
-    position = 0 if protocol == "independent" else step
-    return zlib.crc32(f"{seed}:{task.name}:{position}".encode()) & 0x7FFFFFFF
 
 
 def evaluate_row(adapter: ModelAdapter, tasks: List[Task], seen: int, eval_unseen: bool,
@@ -132,8 +124,7 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
     record["parameter_store"] = storage.kind
     record["mergeable_bytes"] = sum(math.prod(spec_of(theta0, n)[1]) * 4 for n in names)
 
-    use_cache = (cache is not None and protocol == "independent" and learner.cacheable
-                 and not learner.stateful and not storage.experts_from_files)
+    experts = ExpertProvider(adapter, learner, learner_name, protocol, seed, cache, reporter, storage.kind)
     for t in range(done + 1, T + 1):
         task = tasks[t - 1]
         start = theta0 if protocol == "independent" else deployed
@@ -141,9 +132,7 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         if storage.experts_from_files:
             expert, source = storage.open_expert(learner, task, names)
         else:
-            expert, source = _fit_or_cached(adapter, learner, learner_name, task, t, T, start,
-                                            fit_seed(seed, task, t, protocol), cache if use_cache else None,
-                                            reporter)
+            expert, source = experts.get(task, t, start, label=f"step {t}/{T} fine-tune {task.name}")
             expert = storage.wrap(expert)
         fit_s = time.perf_counter() - t_fit
 
@@ -192,24 +181,6 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
     adapter.set_state(deployed)
     record["deployed"] = deployed
     return record
-
-
-def _fit_or_cached(adapter, learner: Learner, learner_name: str, task: Task, t: int, T: int, start, ctx_seed: int,
-                   cache: Optional[ExpertCache], reporter: Reporter):
-    """The task's expert from the expert cache (independent protocol) or trained from ``start``."""
-    key = None
-    if cache is not None:
-        key = expert_key(adapter.base_fingerprint(), task.fingerprint, learner_name, learner.config(), ctx_seed)
-        expert = cache.get(key)
-        if expert is not None:
-            return expert, "cache"
-    with reporter.task(f"step {t}/{T} fine-tune {task.name}", total=learner.step_budget()) as bar:
-        ctx = FitContext(adapter=adapter, task=task, step=t, seed=ctx_seed,
-                         on_iteration=lambda i, loss: bar.update(i, f"loss {loss:.3f}"))
-        expert = learner.fit(clone(start), ctx)
-    if cache is not None:
-        cache.put(key, expert)
-    return expert, learner.expert_source
 
 
 def _fmt(v) -> str:

@@ -58,19 +58,9 @@ import torch
 
 from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
+from cl_merge.numerics import FAST_PATH_BOUND, float32_suffices, null_tolerance  # noqa: F401  (re-exported)
 from cl_merge.params import is_matrix
 from cl_merge.registry import register_merger
-
-
-def null_tolerance(dtype: torch.dtype) -> float:
-    """Relative singular-value level below which a direction is treated as null (see module doc)."""
-    return 10.0 * torch.finfo(dtype).eps
-
-
-#: the float32 route is taken when ε32 · λ_max/λ_min of the Gram matrix (= ε32·κ², the relative error
-#: float32 can leave on the smallest singular value) is at most this; otherwise the float64 route runs
-FAST_PATH_BOUND = 1e-5
-_EPS32 = torch.finfo(torch.float32).eps
 
 
 def spectrum_factors(sigma: torch.Tensor, t: int, rank: int, rtol: float) -> torch.Tensor:
@@ -99,7 +89,7 @@ def _float32_may_do(gram: torch.Tensor) -> bool:
         y = y / y.norm()
     lam_min = float(x.T @ gram @ x)
     lam_max = float(y.T @ gram @ y)
-    return lam_min > 0.0 and _EPS32 * lam_max / lam_min <= FAST_PATH_BOUND
+    return lam_min > 0.0 and float32_suffices(lam_max / lam_min)
 
 
 def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) -> torch.Tensor:
@@ -117,7 +107,7 @@ def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) ->
         gram = a.T @ a
         if _float32_may_do(gram):
             lam, vec = torch.linalg.eigh(gram)
-            if not (lam[0] > 0 and _EPS32 * float(lam[-1] / lam[0]) <= FAST_PATH_BOUND):
+            if not (lam[0] > 0 and float32_suffices(float(lam[-1] / lam[0]))):
                 lam = vec = None
     if lam is None:  # float64 throughout: Gram, eigh and the product
         a = a.double()

@@ -64,10 +64,10 @@ import torch
 
 from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
+from cl_merge.numerics import float32_suffices, null_tolerance
 from cl_merge.params import is_matrix
 from cl_merge.reductions import Total
 from cl_merge.registry import register_merger
-from cl_merge.strategies.isotropic import _EPS32, FAST_PATH_BOUND, null_tolerance
 
 #: singular directions of M_{t−1} with σ_i ≤ NULL_RTOL·σ_max are null (module doc)
 NULL_RTOL = null_tolerance(torch.float32)
@@ -85,7 +85,7 @@ def gram_eigh(a: torch.Tensor):
     a64 = a.double()
     lam, vec = torch.linalg.eigh(a64.T @ a64)
     lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
-    if a.dtype != torch.float64 and lam[-1] > 0 and _EPS32 * float(lam[0] / lam[-1]) <= FAST_PATH_BOUND:
+    if a.dtype != torch.float64 and lam[-1] > 0 and float32_suffices(float(lam[0] / lam[-1])):
         return a.float(), lam, vec.float()
     return a64, lam, vec
 

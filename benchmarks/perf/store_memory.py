@@ -7,7 +7,8 @@
    allocated) and the file-backed part (RssFile: safetensors pages mapped while read, which the
    kernel can drop at any time). Budget: peak RssAnon above the import baseline ≈ the largest tensor
    × a small constant, whatever T (no model copy is ever built: the evaluated model of a real run is
-   the one copy on top).
+   the one copy on top). ``--fixed-mmap-threshold`` makes glibc return every freed tensor to the
+   system at once, so RssAnon shows live memory rather than the allocator's retained heap.
 2. ``mini``: an in-memory mini-suite run (``cl_merge.runner.execute``) with T tasks; peak RSS
    (``peak_memory_bytes`` of the results) for T = 3 and T = 9 should be about equal (O(1) in T).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,12 @@ def disk_child(root: Path, merger_key: str, steps: int) -> dict:
 
 def run_disk(args) -> None:
     steps = [int(s) for s in args.steps.split(",")]
+    env = dict(os.environ)
+    if args.fixed_mmap_threshold:
+        # glibc raises its mmap threshold after each freed large block (up to 32 MiB), then serves
+        # tensors below it from the heap, which it may not give back: RssAnon then counts freed memory
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    print(f"allocator: {'MALLOC_MMAP_THRESHOLD_=1MiB (fixed)' if args.fixed_mmap_threshold else 'glibc default'}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_synthetic(root, args.dim, args.tensors, max(steps))
@@ -131,7 +139,7 @@ def run_disk(args) -> None:
         for key in args.mergers.split(","):
             for T in steps:
                 out = subprocess.run([sys.executable, __file__, "disk-child", str(root), key, str(T)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True, env=env)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{key:<16}{T:>3}{r['anon_peak_over_baseline_mib']:>28.1f}"
                       f"{r['anon_peak_over_baseline_mib'] / r['largest_tensor_mib']:>11.2f}"
@@ -176,6 +184,8 @@ def main() -> None:
     d.add_argument("--tensors", type=int, default=12)
     d.add_argument("--steps", default="2,5")
     d.add_argument("--mergers", default=",".join(DISK_MERGERS))
+    d.add_argument("--fixed-mmap-threshold", action="store_true",
+                   help="children allocate every tensor ≥ 1 MiB with mmap (RssAnon = live memory)")
     m = sub.add_parser("mini")
     m.add_argument("--strategies", default="c-ta,opcm")
     args = parser.parse_args()
