@@ -32,6 +32,18 @@ class Benchmark(Component):
     def build_stream(self, order: Any, seed: int) -> Stream:
         raise NotImplementedError
 
+    #: where the protocol loop keeps the states: "memory", or "disk" (tensor by tensor; see cl_merge.store)
+    parameter_store: ClassVar[str] = "memory"
+
+    def parameter_storage(self, *, adapter: ModelAdapter, checkpointer, device: str):
+        """The parameter store backend of a run (``cl_merge.store``); in memory unless overridden."""
+        from .store import MemoryStorage
+
+        return MemoryStorage()
+
+    def finish_run(self, stream: Stream, record: Dict[str, Any]) -> None:
+        """Called with the finished run's record before the results are assembled (benchmark detail)."""
+
     def task_names(self, order: Any) -> Optional[List[str]]:
         """The stream's task names in order, without loading data, or None if only ``build_stream``
         knows them. The Ray engine plans shared experts from these names before anything runs."""

@@ -44,9 +44,19 @@ class Learner(Component):
     stateful: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True  # independent-protocol experts may be stored in the expert cache
     expert_source: ClassVar[str] = "trained"  # recorded per step in the results' expert_source
+    opens_experts: ClassVar[bool] = False  # True: experts come from files (``expert_path``), no training
 
     def fit(self, start: StateDict, ctx: FitContext) -> StateDict:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def step_budget(self) -> int:
+        """Optimizer steps one ``fit`` takes (the loop's progress bar); 0 when it does not train."""
+        return 0
+
+    def expert_path(self, task: Task):
+        """The expert checkpoint of ``task`` (learners with ``opens_experts``), read tensor by tensor
+        by the on-disk parameter store."""
+        raise NotImplementedError(f"{self.name} trains its experts; it has no expert files")
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -69,6 +79,9 @@ class GradientLearner(Learner):
     weight_decay: float = 0.01
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
+
+    def step_budget(self) -> int:
+        return self.steps or 0
 
     # ---- hooks --------------------------------------------------------------------------------
     def before_training_exp(self, ctx: FitContext) -> None: ...

@@ -255,10 +255,9 @@ class ExpertSource:
 
     def experts(self, learner_name: str, indices: Sequence[int]) -> Dict[int, Dict[str, torch.Tensor]]:
         from .config import instantiate, resolve
-        from .expert_cache import ExpertCache, expert_key
-        from .learner import FitContext
+        from .expert_cache import ExpertCache
+        from .expert_provider import ExpertProvider
         from .progress import Reporter
-        from .protocol import fit_seed
 
         config = resolve(self.benchmark_name, learner=learner_name, merger="identity", protocol="independent",
                          order=self.order, seed=self.seed, overrides=self.overrides)
@@ -266,21 +265,10 @@ class ExpertSource:
         cache = ExpertCache(self.cache_dir / "experts") if self.settings.expert_cache else None
         out = {}
         with Reporter(enabled=self.progress) as reporter:
+            provider = ExpertProvider(self.adapter, learner, learner_name, "independent", config.seed, cache, reporter)
             for i in indices:
                 task = self.stream.tasks[i]
-                ctx_seed = fit_seed(config.seed, task, i + 1, "independent")
-                key = expert_key(self.adapter.base_fingerprint(), task.fingerprint, learner_name,
-                                 learner.config(), ctx_seed)
-                expert = cache.get(key) if cache is not None else None
-                if expert is None:
-                    steps = getattr(learner, "steps", None) or 0
-                    with reporter.task(f"{learner_name}: fine-tune {task.name}", total=steps) as bar:
-                        ctx = FitContext(adapter=self.adapter, task=task, step=i + 1, seed=ctx_seed,
-                                         on_iteration=lambda it, loss: bar.update(it, f"loss {loss:.3f}"))
-                        expert = learner.fit({k: v.clone() for k, v in self.theta0.items()}, ctx)
-                    if cache is not None:
-                        cache.put(key, expert)
-                out[i] = expert
+                out[i], _ = provider.get(task, i + 1, self.theta0, label=f"{learner_name}: fine-tune {task.name}")
         self.adapter.set_state(self.theta0)
         return out
 

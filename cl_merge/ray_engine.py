@@ -65,10 +65,10 @@ def shares_experts(config: RunConfig) -> bool:
     """Whether the run's experts come from the expert cache (the protocol's own rule)."""
     from .registry import BENCHMARKS, LEARNERS
 
-    cls = LEARNERS.get(config.learner)
-    streaming = getattr(BENCHMARKS.get(config.benchmark), "streaming", False)  # its own loop, no expert cache
-    return (config.protocol == "independent" and cls.cacheable and not cls.stateful and not streaming
-            and bool(config.run_params.get("expert_cache", True)))
+    from .expert_provider import shares_experts as rule
+
+    return rule(config.protocol, LEARNERS.get(config.learner), BENCHMARKS.get(config.benchmark).parameter_store,
+                config.run_params.get("expert_cache", True))
 
 
 def cache_dir_of(config: RunConfig, out_dir: Path) -> str:
@@ -144,10 +144,8 @@ def _train_expert(config: RunConfig, task_name: str, out_dir: str, cwd: Optional
     _enter(cwd, threads)
     import cl_merge  # noqa: F401  (torchvision shim before open_clip)
     from .config import instantiate
-    from .expert_cache import ExpertCache, expert_key
-    from .learner import FitContext
-    from .params import clone
-    from .protocol import fit_seed
+    from .expert_cache import ExpertCache
+    from .expert_provider import ExpertProvider
     from .runner import resolve_device
 
     t0 = time.perf_counter()
@@ -164,17 +162,11 @@ def _train_expert(config: RunConfig, task_name: str, out_dir: str, cwd: Optional
         adapter.prepare(task)
     position = [t.name for t in tasks].index(task_name) + 1
     task = tasks[position - 1]
-    theta0 = adapter.get_state()
-    seed = fit_seed(config.seed, task, position, "independent")
-    key = expert_key(adapter.base_fingerprint(), task.fingerprint, config.learner, learner.config(), seed)
-    cache = ExpertCache(cache_dir / "experts")
-    trained = False
-    if not cache._path(key).exists():
-        expert = learner.fit(clone(theta0), FitContext(adapter=adapter, task=task, step=position, seed=seed))
-        cache.put(key, expert)
-        trained = True
-    return {"task": task_name, "learner": config.learner, "cache_key": key, "trained": trained,
-            "seconds": time.perf_counter() - t0}
+    provider = ExpertProvider(adapter, learner, config.learner, "independent", config.seed,
+                              ExpertCache(cache_dir / "experts"))
+    _, source = provider.get(task, position, adapter.get_state())
+    return {"task": task_name, "learner": config.learner, "cache_key": provider.cache_key(task, position),
+            "trained": source != "cache", "seconds": time.perf_counter() - t0}
 
 
 @contextlib.contextmanager

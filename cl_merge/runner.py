@@ -62,16 +62,13 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
         # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
         sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
                if settings.sar else None)
-        if getattr(benchmark, "streaming", False):
-            # states on disk, merged layer by layer (cl_merge.streaming_protocol; e.g. mergebench)
-            record = benchmark.run_stream(stream=stream, adapter=adapter, learner=learner, merger=merger,
-                                          protocol=config.protocol, checkpointer=checkpointer, resume=resume,
-                                          reporter=reporter, settings=settings)
-        else:
-            record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
-                                  merger=merger, protocol=config.protocol, seed=config.seed,
-                                  eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
-                                  cache=cache, reporter=reporter, sar=sar)
+        # the benchmark picks the parameter store: in memory, or tensor by tensor on disk (mergebench)
+        storage = benchmark.parameter_storage(adapter=adapter, checkpointer=checkpointer, device=device)
+        record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
+                              merger=merger, protocol=config.protocol, seed=config.seed,
+                              eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
+                              cache=cache, reporter=reporter, sar=sar, storage=storage)
+        benchmark.finish_run(stream, record)
     result = assemble(config, stream.names, adapter.model_id, record, device,
                       setup_s=setup_s, wall_s=time.perf_counter() - t_start)
     if hasattr(stream, "order_record"):  # generated orders: the explicit permutation
@@ -137,5 +134,16 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "sar_per_task": record.get("sar_per_task"),
         "sar_skipped_layers": record.get("sar_skipped_layers"),
         "sar_rank_mean": record.get("sar_rank_mean"),
+        # the mergers' per-step records (e.g. the α chosen on validation by merger.alpha_grid)
+        "merge_record": record.get("merge_record"),
+        # where the states lived: "memory" or "disk" (tensor by tensor), with per-step merge passes and sizes
+        "parameter_store": {"backend": record.get("parameter_store"), "per_step": record.get("store_steps"),
+                            "mergeable_bytes": record.get("mergeable_bytes")},
         "config": config.to_dict(),
-    } | ({"chosen_alpha": record["chosen_alpha"]} if "chosen_alpha" in record else {})  # merger.alpha_grid
+    } | _chosen_alpha(record.get("merge_record") or [])
+
+
+def _chosen_alpha(merge_records) -> Dict[str, Any]:
+    """``chosen_alpha`` (one value per step) for runs whose merger chose α on validation data."""
+    values = [(r or {}).get("chosen_alpha") for r in merge_records]
+    return {"chosen_alpha": values} if any(v is not None for v in values) else {}

@@ -21,7 +21,7 @@ Conventions:
 Cost: one thin SVD per 2-D matrix per step (float32, on the model's device) plus one k×n product per
 (task, layer). Scoring past tasks (``run.sar_store=true``) keeps each task's 2-D updates on disk in
 bfloat16 (the float32 exponent range: updates of order 1e-6 do not underflow as they would in
-float16), read back one task at a time, so memory stays O(1) in the number of tasks.
+float16), read back one layer at a time, so memory stays O(1) in the number of tasks.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from .errors import UserError
-from .io import load_tensors, save_tensors_atomic
 from .params import StateDict, is_matrix
 
 DEFAULT_ENERGY = 0.95
@@ -103,10 +102,30 @@ class TaskSAR:
     skipped: int  # 2-D layers skipped (zero / non-finite Δ_task, or no basis)
 
 
+class _TaskScore:
+    """One task's SAR gathered layer by layer (mean over the layers that could be scored)."""
+
+    def __init__(self):
+        self.values: List[float] = []
+        self.skipped = 0
+
+    def add(self, basis: Optional[torch.Tensor], delta_task: Optional[torch.Tensor]) -> None:
+        v = None if (basis is None or delta_task is None) else layer_sar(delta_task, basis)
+        if v is None:
+            self.skipped += 1
+        else:
+            self.values.append(v)
+
+    def result(self) -> TaskSAR:
+        values = self.values
+        return TaskSAR(sum(values) / len(values) if values else None, len(values), self.skipped)
+
+
 class MergedBasis:
     """The per-layer top-k left singular bases of one merged update Δ_merged = deployed − θ0.
 
-    Built once per step; ``score`` then evaluates any number of tasks against the same bases."""
+    Built once; ``score`` then evaluates any number of tasks against the same bases. (``SARMeter``
+    works layer by layer instead, so a step never holds every layer's basis at once.)"""
 
     def __init__(self, delta_merged: StateDict, energy: float = DEFAULT_ENERGY):
         self.energy = energy
@@ -119,16 +138,10 @@ class MergedBasis:
         return cls({k: deployed[k] - theta0[k] for k in deployed if is_matrix(deployed[k])}, energy)
 
     def score(self, delta_task: StateDict) -> TaskSAR:
-        values: List[float] = []
-        skipped = 0
+        acc = _TaskScore()
         for name, basis in self.bases.items():
-            d = delta_task.get(name)
-            v = None if (basis is None or d is None) else layer_sar(d, basis)
-            if v is None:
-                skipped += 1
-            else:
-                values.append(v)
-        return TaskSAR(sum(values) / len(values) if values else None, len(values), skipped)
+            acc.add(basis, delta_task.get(name))
+        return acc.result()
 
 
 def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -136,19 +149,16 @@ def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
     return sum(kept) / len(kept) if kept else None
 
 
-def task_update(expert: StateDict, start: StateDict) -> StateDict:
-    """Δ_task = expert − start on the 2-D parameters (the only ones SAR reads)."""
-    return {k: expert[k] - start[k] for k in expert if is_matrix(expert[k])}
-
-
 class SARMeter:
-    """SAR of every step of a run.
+    """SAR of every step of a run, over any parameter store (name -> tensor mappings, read one
+    tensor at a time: a step holds one layer's basis and updates, never a model's worth).
 
     Always: the current task's SAR against the current merged model (``current``). With a
-    ``store_dir``: each task's Δ_task is written there (bfloat16) and every step scores all tasks
-    seen so far against the current merged basis (``per_task``), the run's ``sar`` being their mean.
-    The store lives inside the run's checkpoint directory, so a resumed run finds the earlier
-    tasks' updates and the directory disappears with the checkpoint once the results exist."""
+    ``store_dir``: each task's Δ_task is written there (bfloat16, tensor by tensor) and every step
+    scores all tasks seen so far against the current merged basis (``per_task``), the run's ``sar``
+    being their mean. The store lives inside the run's checkpoint directory, so a resumed run finds
+    the earlier tasks' updates and the directory disappears with the checkpoint once the results
+    exist. ``scope`` names what ``sar`` averages: "current_task" or "seen_tasks"."""
 
     def __init__(self, energy: float = DEFAULT_ENERGY, store_dir: Optional[Path] = None):
         self.energy = energy
@@ -161,28 +171,49 @@ class SARMeter:
     def _path(self, step: int) -> Path:
         return self.store_dir / f"task-{step}.safetensors"
 
-    def step(self, step: int, theta0: StateDict, start: StateDict, expert: StateDict,
-             deployed: StateDict) -> Dict[str, object]:
+    def step(self, step: int, theta0: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
+             expert: Mapping[str, torch.Tensor], deployed: Mapping[str, torch.Tensor]) -> Dict[str, object]:
         """Score step ``step`` (1-based). Returns the per-step record fields."""
-        delta = task_update(expert, start)
+        from .streaming import TensorSource, TensorWriter
+
+        past = []
         if self.store_dir is not None:
-            save_tensors_atomic(self._path(step), {k: v.to(STORE_DTYPE) for k, v in delta.items()})
-        basis = MergedBasis.from_states(deployed, theta0, self.energy)  # once per step, shared below
-        current = basis.score(delta)
-        ranks = list(basis.ranks.values())
+            for s in range(1, step):
+                path = self._path(s)
+                if not path.exists():
+                    raise UserError(f"SAR store {self.store_dir} lacks task {s}'s update ({path.name}); delete "
+                                    f"{self.store_dir.parent} and rerun without --resume")
+                past.append(TensorSource(path))
+        writer = TensorWriter(self._path(step)) if self.store_dir is not None else None
+        scores = [_TaskScore() for _ in range(len(past) + 1)]  # past tasks, then the current one
+        ranks: List[int] = []
+        try:
+            for name in theta0:
+                b = theta0[name]
+                if not is_matrix(b):
+                    continue
+                delta = expert[name] - start[name]  # Δ_task = expert − start
+                if writer is not None:
+                    writer.add(name, delta.to(STORE_DTYPE))
+                basis = top_basis(deployed[name] - b, self.energy)  # once per layer, shared below
+                ranks.append(0 if basis is None else basis.shape[1])
+                for source, score in zip(past, scores):
+                    score.add(basis, source[name] if name in source else None)
+                scores[-1].add(basis, delta)  # the current task from its full-precision update
+                del b, delta, basis
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.close()
+        current = scores[-1].result()
         out: Dict[str, object] = {"current": current.value, "skipped_layers": current.skipped,
                                   "rank_mean": sum(ranks) / len(ranks) if ranks else None, "per_task": None}
         if self.store_dir is None:
             out["sar"] = current.value
             return out
-        per_task: List[Optional[float]] = []
-        for s in range(1, step):
-            path = self._path(s)
-            if not path.exists():
-                raise UserError(f"SAR store {self.store_dir} lacks task {s}'s update ({path.name}); delete "
-                                f"{self.store_dir.parent} and rerun without --resume")
-            per_task.append(basis.score(load_tensors(path)).value)
-        per_task.append(current.value)  # the current task from its full-precision update
+        per_task = [score.result().value for score in scores]
         out["per_task"] = per_task
         out["sar"] = mean_or_none(per_task)
         return out

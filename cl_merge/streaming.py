@@ -1,4 +1,5 @@
-"""Layer-by-layer tensor IO for models too large to hold several copies of (MergeBench's 3B-9B LLMs).
+"""Tensor-by-tensor safetensors IO: the files behind the on-disk parameter store (``cl_merge.store``),
+for models too large to hold several copies of (MergeBench's 3B-9B LLMs).
 
 * ``TensorSource``: a read-only, lazy ``name -> tensor`` mapping over safetensors files (one file, or
   a Hugging Face checkpoint folder with ``model.safetensors.index.json`` shards). A tensor is read
@@ -12,9 +13,6 @@
 * ``LiveTensors``: counts the bytes of tensors handed out by sources that are still referenced (a
   weakref finalizer per tensor) and keeps the peak: the tests use it to show that a merge step holds
   far less than base + previous + expert.
-* ``streamed_kth_smallest_abs``: exact k-th smallest |x| over tensors produced by a callable, in two
-  histogram passes over the bit patterns (O(65536) extra memory): TIES' global trim threshold without
-  concatenating a model-sized vector.
 """
 
 from __future__ import annotations
@@ -148,6 +146,9 @@ class TensorSource(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
+    def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's default would)
+        return name in self._files
+
     def __len__(self) -> int:
         return len(self._files)
 
@@ -261,41 +262,3 @@ def _numel(shape: Iterable[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def _abs_bits(t: torch.Tensor) -> torch.Tensor:
-    # non-negative float32 values order like their int32 bit patterns
-    return t.detach().abs().float().reshape(-1).view(torch.int32)
-
-
-def streamed_kth_smallest_abs(tensors: Callable[[], Iterable[torch.Tensor]], k: int) -> torch.Tensor:
-    """Exact k-th smallest |x| (1-based) over every entry of the tensors ``tensors()`` yields (it is
-    called twice). Pass 1 histograms the high 16 bits of the float32 bit patterns, pass 2 the low 16
-    bits inside the selected bin. Returns a float32 0-d tensor."""
-    hist = torch.zeros(1 << 15, dtype=torch.int64)  # sign bit is 0 for |x|: 15 high bits
-    total = 0
-    for t in tensors():
-        bits = _abs_bits(t).cpu()
-        total += bits.numel()
-        hist += torch.bincount((bits >> 16).long(), minlength=1 << 15)
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} outside 1..{total}")
-    cum = hist.cumsum(0)
-    high = int(torch.searchsorted(cum, torch.tensor(k)))
-    before = int(cum[high - 1]) if high > 0 else 0
-    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
-    for t in tensors():
-        bits = _abs_bits(t).cpu()
-        sel = bits[(bits >> 16) == high]
-        if sel.numel():
-            low_hist += torch.bincount((sel & 0xFFFF).long(), minlength=1 << 16)
-    low = int(torch.searchsorted(low_hist.cumsum(0), torch.tensor(k - before)))
-    return torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32)[0]
-
-
-def file_bytes(paths: Iterable[os.PathLike]) -> int:
-    return sum(Path(p).stat().st_size for p in paths if Path(p).exists())
-
-
-def names_and_specs(source: TensorSource) -> List[Tuple[str, torch.dtype, Tuple[int, ...]]]:
-    return [(n, *source.spec(n)) for n in source]

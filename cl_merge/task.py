@@ -50,6 +50,10 @@ class Stream:
     def names(self) -> List[str]:
         return [t.name for t in self.tasks]
 
+    def set_phase(self, phase: str, task: str) -> None:
+        """Told by the protocol loop before each evaluation (``phase``: "evaluate θ0", "expert t",
+        "step t/T evaluate"); a stream that logs its evaluations (MergeBench) records it."""
+
     def __len__(self) -> int:
         return len(self.tasks)
 

@@ -7,8 +7,8 @@ merging of published experts.
   ``task.metadata["expert_checkpoint"]`` (a hub id such as ``MergeBench/Llama-3.2-3B_math`` or a local
   folder) loads from there; ``learner.path=DIR`` overrides it with ``DIR/<task name>`` (a
   ``save_pretrained`` folder) or ``DIR/<task name>.safetensors`` when that exists. ``open_expert``
-  gives the expert as a lazy, tensor-by-tensor source (the streaming protocol); ``fit`` loads the
-  mergeable tensors into memory (the in-memory protocol, small models)."""
+  gives the expert as a lazy, tensor-by-tensor source (the on-disk parameter store reads it the same
+  way); ``fit`` loads the mergeable tensors into memory (the in-memory store, small models)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class CheckpointLearner(Learner):
                    "or the task's own checkpoint (MergeBench/{base}_{domain}, a local folder)")
     cacheable = False  # the files are the cache
     expert_source = "checkpoint"
+    opens_experts = True
 
     path: str = ""
 

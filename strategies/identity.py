@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from cl_merge.merger import Merger
-from cl_merge.params import clone
 from cl_merge.registry import register_merger
 
 
@@ -15,5 +14,5 @@ class IdentityMerger(Merger):
     name = "identity"
     description = "deploy the expert unchanged"
 
-    def merge(self, base, previous, expert, start, step):
-        return clone(expert)
+    def merge_tensor(self, x):
+        return x.expert.detach().clone()

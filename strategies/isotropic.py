@@ -40,36 +40,27 @@ full-rank matrices this is exactly U Σ̂ Vᵀ. At t = 1, Σ̂ = Σ and Δ_merge
 decomposition.
 
 Choosing α on validation data (``alpha_grid``, off by default): the paper picks α by "validation set
-search". The merger interface has no data access; the protocol loop binds ``score(state) -> float``
-(accuracy on the current task's validation split) through ``bind_validation`` around each merge, and
-records the chosen α per step in the results (``chosen_alpha``).
+search". The merger has no data access; the merge context carries ``validation_score(state) -> float``
+(accuracy on the current task's validation split, from the protocol loop). With a grid the rule's
+output is Δ_merged (spooled), ``after_pass`` scores θ0 + aΔ_merged for every grid value a, and a
+finalizing pass writes θ0 + αΔ_merged; the chosen α goes to the step's merge record
+(``chosen_alpha`` in the results). This runs over either parameter store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Callable, Optional, Tuple
 
 import torch
 
-from cl_merge.errors import UserError
+from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
-from cl_merge.params import StateDict, is_matrix
+from cl_merge.numerics import FAST_PATH_BOUND, float32_suffices, null_tolerance  # noqa: F401  (re-exported)
+from cl_merge.params import is_matrix
 from cl_merge.registry import register_merger
-
-Scorer = Callable[[StateDict], float]
-
-
-def null_tolerance(dtype: torch.dtype) -> float:
-    """Relative singular-value level below which a direction is treated as null (see module doc)."""
-    return 10.0 * torch.finfo(dtype).eps
-
-
-#: the float32 route is taken when ε32 · λ_max/λ_min of the Gram matrix (= ε32·κ², the relative error
-#: float32 can leave on the smallest singular value) is at most this; otherwise the float64 route runs
-FAST_PATH_BOUND = 1e-5
-_EPS32 = torch.finfo(torch.float32).eps
 
 
 def spectrum_factors(sigma: torch.Tensor, t: int, rank: int, rtol: float) -> torch.Tensor:
@@ -98,7 +89,7 @@ def _float32_may_do(gram: torch.Tensor) -> bool:
         y = y / y.norm()
     lam_min = float(x.T @ gram @ x)
     lam_max = float(y.T @ gram @ y)
-    return lam_min > 0.0 and _EPS32 * lam_max / lam_min <= FAST_PATH_BOUND
+    return lam_min > 0.0 and float32_suffices(lam_max / lam_min)
 
 
 def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) -> torch.Tensor:
@@ -116,7 +107,7 @@ def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) ->
         gram = a.T @ a
         if _float32_may_do(gram):
             lam, vec = torch.linalg.eigh(gram)
-            if not (lam[0] > 0 and _EPS32 * float(lam[-1] / lam[0]) <= FAST_PATH_BOUND):
+            if not (lam[0] > 0 and float32_suffices(float(lam[-1] / lam[0]))):
                 lam = vec = None
     if lam is None:  # float64 throughout: Gram, eigh and the product
         a = a.double()
@@ -127,18 +118,13 @@ def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) ->
     return (out.T if wide else out).to(dtype)
 
 
-def isotropic_update(delta: StateDict, t: int, rtol: Optional[float] = None) -> StateDict:
-    """Δ_merged from Δ_com: Eq. 11 on every 2-D tensor; the others are returned as they are."""
-    return {k: isotropic_matrix(v, t, rtol) if is_matrix(v) else v for k, v in delta.items()}
-
-
 @register_merger
 @dataclasses.dataclass
 class IsotropicMerger(Merger):
     """SAIM's adaptive isotropic merge (Eq. 10–12). ``lam`` = λ, ``alpha`` = α.
 
     ``alpha_grid`` (e.g. ``0.6,0.8,1.0,1.2``): when non-empty, α is the grid value whose deployed
-    model scores best on the current task's validation data (needs ``bind_validation``)."""
+    model scores best on the current task's validation data (the merge context's scorer)."""
 
     name = "isotropic"
     description = "adaptive isotropic merge (SAIM): SVD per matrix, spectrum σ̄ + (Σ − σ̄)/√t, θ0 + αΔ"
@@ -146,40 +132,59 @@ class IsotropicMerger(Merger):
     alpha: float = 1.0
     alpha_grid: Tuple[float, ...] = ()
 
-    def __post_init__(self):
-        self._scorer: Optional[Scorer] = None
-        self.chosen_alpha: Optional[float] = None
+    def plan(self, step, context):
+        return MergePlan(finalize=bool(self.alpha_grid))
 
-    def bind_validation(self, score: Optional[Scorer]) -> None:
-        """Attach ``score(state) -> float`` on the current task's validation split (or detach with
-        None); ``cl_merge.protocol`` does this around every merge."""
-        self._scorer = score
+    def merge_tensor(self, x):
+        delta = self.merged_update(x)
+        if self.alpha_grid:
+            return delta  # θ0 + αΔ once α is chosen (finalize_tensor)
+        return torch.add(x.base, delta, alpha=self.alpha)
 
-    def merge(self, base, previous, expert, start, step):
-        delta = isotropic_update(self.combined_update(base, previous, expert, start), step)
-        alpha = self._select_alpha(base, delta) if self.alpha_grid else self.alpha
-        self.chosen_alpha = alpha
-        return {k: torch.add(base[k], delta[k], alpha=alpha) for k in base}
+    def merged_update(self, x) -> torch.Tensor:
+        """Δ_merged of one tensor: Eq. 11 on a 2-D Δ_com, Δ_com itself otherwise."""
+        delta = self.combined_update(x.base, x.previous, x.expert, x.start)
+        return isotropic_matrix(delta, x.step) if is_matrix(delta) else delta
 
-    def combined_update(self, base, previous, expert, start) -> StateDict:
-        """Δ_com = (1 + λ) Δ_cum + (1 − λ) Δ_T (Eq. 10), fresh tensors."""
-        out = {}
-        for k in base:
-            cum = torch.sub(previous[k], base[k])
-            task = torch.sub(expert[k], start[k])
-            if self.lam == 0.0:
-                out[k] = cum.add_(task)
-            else:
-                out[k] = cum.mul_(1.0 + self.lam).add_(task, alpha=1.0 - self.lam)
-        return out
+    def combined_update(self, base: torch.Tensor, previous: torch.Tensor, expert: torch.Tensor,
+                        start: torch.Tensor) -> torch.Tensor:
+        """Δ_com = (1 + λ) Δ_cum + (1 − λ) Δ_T (Eq. 10), a fresh tensor."""
+        cum = torch.sub(previous, base)
+        task = torch.sub(expert, start)
+        if self.lam == 0.0:
+            return cum.add_(task)
+        return cum.mul_(1.0 + self.lam).add_(task, alpha=1.0 - self.lam)
 
-    def _select_alpha(self, base: StateDict, delta: StateDict) -> float:
-        if self._scorer is None:
-            raise UserError("merger.alpha_grid needs validation data, but nothing bound a validation "
-                            "scorer (bind_validation); leave alpha_grid empty and set merger.alpha")
+    def after_pass(self, view):
+        if not self.alpha_grid:
+            return
+        base, delta = view.inputs.base, view.intermediate
         best, best_score = None, -math.inf
         for a in self.alpha_grid:  # ties keep the earlier grid value
-            score = float(self._scorer({k: torch.add(base[k], delta[k], alpha=a) for k in base}))
+            candidate = LazyState(base, lambda n, a=a: torch.add(base[n], delta[n], alpha=a))
+            score = view.context.score(candidate, "merger.alpha_grid")
             if score > best_score:
                 best, best_score = a, score
-        return best
+        self._chosen = best
+        view.context.record["chosen_alpha"] = best
+
+    def finalize_tensor(self, x, delta):
+        return torch.add(x.base, delta, alpha=self._chosen)
+
+
+class LazyState(Mapping):
+    """A candidate state computed one tensor at a time on lookup (so scoring it holds no model copy)."""
+
+    def __init__(self, names, tensor: Callable[[str], torch.Tensor]):
+        self._names, self._tensor = list(names), tensor
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)

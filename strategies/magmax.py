@@ -13,7 +13,6 @@ import dataclasses
 import torch
 
 from cl_merge.merger import Merger
-from cl_merge.params import sub, zeros_like
 from cl_merge.registry import register_merger
 
 
@@ -22,20 +21,15 @@ from cl_merge.registry import register_merger
 class MagMaxMerger(Merger):
     name = "magmax"
     description = "θ0 + α · per-entry max-magnitude task vector (running selection)"
-    alpha: float = 0.5  # λ of DESIGN.md, α of the SAIM appendix
+    alpha: float = 0.5  # λ of docs/, α of the SAIM appendix
 
-    def reset(self, base):
-        self._max = zeros_like(base)
+    def tensor_state_keys(self):
+        return ("max",)
 
-    def merge(self, base, previous, expert, start, step):
-        tau = sub(expert, start)
-        for n, v in tau.items():
-            # ">=": an equal magnitude goes to the later task
-            self._max[n] = torch.where(v.abs() >= self._max[n].abs(), v, self._max[n])
-        return {n: base[n] + self.alpha * self._max[n] for n in base}
-
-    def state_dict(self):
-        return {f"max.{n}": v for n, v in self._max.items()}
-
-    def load_state_dict(self, state):
-        self._max = {n[len("max."):]: v.clone() for n, v in state.items()}
+    def merge_tensor(self, x):
+        v = x.tau
+        best = x.state.get("max", torch.zeros_like(x.base))
+        # ">=": an equal magnitude goes to the later task
+        best = torch.where(v.abs() >= best.abs(), v, best)
+        x.new_state["max"] = best
+        return x.base + self.alpha * best

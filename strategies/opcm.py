@@ -50,6 +50,10 @@ When M_{t−1} of a weight is exactly zero there is no previous subspace and τ�
 result there would depend on the arbitrary basis LAPACK returns for a zero matrix).
 
 State: λ_{t−1}, the running sum of task-vector norms and their count (three scalars).
+
+Streaming: the per-tensor rule produces S_t; ‖τ_t‖² and ‖S_t‖² are accumulated while it runs
+(``plan``), λ_t is set in ``after_pass`` and deployed = θ0 + S_t/λ_t is a finalizing pass over the
+spooled S_t. One executor runs this over either parameter store.
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ import dataclasses
 
 import torch
 
+from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
-from cl_merge.params import clone, global_norm, is_matrix, sub
+from cl_merge.numerics import float32_suffices, null_tolerance
+from cl_merge.params import is_matrix
+from cl_merge.reductions import Total
 from cl_merge.registry import register_merger
-from cl_merge.strategies.isotropic import _EPS32, FAST_PATH_BOUND, null_tolerance
 
 #: singular directions of M_{t−1} with σ_i ≤ NULL_RTOL·σ_max are null (module doc)
 NULL_RTOL = null_tolerance(torch.float32)
@@ -79,7 +85,7 @@ def gram_eigh(a: torch.Tensor):
     a64 = a.double()
     lam, vec = torch.linalg.eigh(a64.T @ a64)
     lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
-    if a.dtype != torch.float64 and lam[-1] > 0 and _EPS32 * float(lam[0] / lam[-1]) <= FAST_PATH_BOUND:
+    if a.dtype != torch.float64 and lam[-1] > 0 and float32_suffices(float(lam[0] / lam[-1])):
         return a.float(), lam, vec.float()
     return a64, lam, vec
 
@@ -117,37 +123,48 @@ class OPCMMerger(Merger):
     description = "orthogonal-projection continual merging with norm rescaling (α = 0.5 rank split)"
     alpha: float = 0.5
 
-    def reset(self, base):
+    def reset_state(self):
         self._lambda = 1.0
         self._norm_sum = 0.0
         self._count = 0
 
-    def merge(self, base, previous, expert, start, step):
-        tau = sub(expert, start)
-        self._norm_sum += global_norm(tau)
-        self._count += 1
+    def plan(self, step, context):
+        # norms over all merged parameters together (float64 accumulation, in name order)
+        norms = [Total("tau_sq", lambda x, y: float(x.tau.double().pow(2).sum()))]
         if step == 1:
-            self._lambda = 1.0
-            return clone(expert)
-        mean_norm = self._norm_sum / self._count
-        merged = {}
-        for n, b in base.items():
-            prev_delta = previous[n].float() - b.float()
-            t_n = tau[n].float()
-            projected = project_task_vector(prev_delta, t_n, self.alpha) if is_matrix(b) else t_n
-            merged[n] = self._lambda * prev_delta + projected
-        merged_norm = global_norm(merged)
-        # S_t = 0 only when every task vector so far is 0; any λ then deploys θ0
-        lam = merged_norm / mean_norm if merged_norm > 0 else 1.0
-        self._lambda = lam
-        return {n: (base[n].float() + merged[n] / lam).to(base[n].dtype) for n in base}
+            return MergePlan(accumulators=norms)
+        norms.append(Total("s_sq", lambda x, y: float(y.double().pow(2).sum())))
+        return MergePlan(accumulators=norms, finalize=True)
 
-    def state_dict(self):
+    def merge_tensor(self, x):
+        if x.step == 1:
+            return x.expert.detach().clone()
+        b = x.base
+        prev_delta = x.previous.float() - b.float()
+        t_n = x.tau.float()
+        projected = project_task_vector(prev_delta, t_n, self.alpha) if is_matrix(b) else t_n
+        return self._lambda * prev_delta + projected  # S_t of this tensor
+
+    def after_pass(self, view):
+        self._norm_sum += view.totals["tau_sq"] ** 0.5
+        self._count += 1
+        if view.inputs.step == 1:
+            self._lambda = 1.0
+            return
+        mean_norm = self._norm_sum / self._count
+        merged_norm = view.totals["s_sq"] ** 0.5
+        # S_t = 0 only when every task vector so far is 0; any λ then deploys θ0
+        self._lambda = merged_norm / mean_norm if merged_norm > 0 else 1.0
+
+    def finalize_tensor(self, x, merged):
+        return (x.base.float() + merged / self._lambda).to(x.base.dtype)
+
+    def scalar_state(self):
         return {"lambda": torch.tensor(self._lambda, dtype=torch.float64),
                 "norm_sum": torch.tensor(self._norm_sum, dtype=torch.float64),
                 "count": torch.tensor(self._count, dtype=torch.int64)}
 
-    def load_state_dict(self, state):
+    def load_scalar_state(self, state):
         self._lambda = float(state["lambda"])
         self._norm_sum = float(state["norm_sum"])
         self._count = int(state["count"])

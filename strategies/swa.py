@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from cl_merge.merger import Merger
-from cl_merge.params import combine
 from cl_merge.registry import register_merger
 
 
@@ -15,5 +14,5 @@ class SWAMerger(Merger):
     name = "swa"
     description = "running average of the experts"
 
-    def merge(self, base, previous, expert, start, step):
-        return combine(lambda p, e: ((step - 1) * p + e) / step, previous, expert)
+    def merge_tensor(self, x):
+        return ((x.step - 1) * x.previous + x.expert) / x.step

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from cl_merge.merger import Merger
-from cl_merge.params import add_scaled, sub, zeros_like
 from cl_merge.registry import register_merger
 
 
@@ -16,17 +17,10 @@ class TaskArithmeticMerger(Merger):
     description = "θ0 + α · running sum of task vectors"
     alpha: float = 0.3
 
-    def reset(self, base):
-        self._sum = zeros_like(base)
+    def tensor_state_keys(self):
+        return ("sum",)
 
-    def merge(self, base, previous, expert, start, step):
-        tau = sub(expert, start)
-        for k in self._sum:
-            self._sum[k] += tau[k]
-        return add_scaled(base, self._sum, self.alpha)
-
-    def state_dict(self):
-        return {f"sum.{k}": v for k, v in self._sum.items()}
-
-    def load_state_dict(self, state):
-        self._sum = {k[len("sum."):]: v.clone() for k, v in state.items()}
+    def merge_tensor(self, x):
+        total = x.state.get("sum", torch.zeros_like(x.base)) + x.tau
+        x.new_state["sum"] = total
+        return x.base + self.alpha * total

@@ -39,94 +39,52 @@ whole checkpoint into one vector) do; ``"tensor"`` ranks each tensor on its own.
 
 State: Δ_cum for the seed variant (one model-sized running sum); nothing for the FusionBench variant
 (it reads M_{t−1} from ``previous``).
+
+Streaming: the rule is per tensor; the global trim thresholds and the FusionBench majority sign are
+whole-model reductions declared in ``plan`` (``cl_merge.reductions``: an exact k-th smallest |x| in two
+histogram passes, a float64 vote total), so both variants run over either parameter store.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
+from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
-from cl_merge.params import StateDict, sub, zeros_like
+from cl_merge.reductions import KthSmallestAbs, Total, trim_kth
 from cl_merge.registry import register_merger
-
-# Above this many entries the global threshold is found by bisection instead of one concatenated copy
-# (a 3B-parameter language model would need 12 GB for the copy).
-CONCAT_LIMIT = 1 << 27
 
 _DEFAULT_ALPHA = {"seed": 0.3, "fusionbench": 0.5}
 
 
-def _abs_bits(t: torch.Tensor) -> torch.Tensor:
-    # For non-negative float32 values the int32 bit pattern orders like the value itself.
-    return t.detach().abs().float().reshape(-1).view(torch.int32)
+def tensor_threshold(v: torch.Tensor, keep: float) -> Optional[torch.Tensor]:
+    """The trim threshold of one tensor on its own (``trim_scope="tensor"``); None keeps everything."""
+    kth = trim_kth(v.numel(), keep)
+    return None if kth is None else v.detach().abs().float().reshape(-1).kthvalue(kth).values
 
 
-def kth_smallest_abs(tensors: List[torch.Tensor], k: int) -> torch.Tensor:
-    """Exact k-th smallest |x| (1-based) over all entries of ``tensors``, as a float32 0-d tensor."""
-    total = sum(t.numel() for t in tensors)
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} outside 1..{total}")
-    if total <= CONCAT_LIMIT:
-        flat = torch.cat([t.detach().abs().float().reshape(-1) for t in tensors])
-        return flat.kthvalue(k).values
-    # Bisection on the bit pattern: smallest b with #{bits ≤ b} ≥ k. 31 counting passes, O(1) extra memory.
-    lo, hi = 0, 0x7F800000  # +inf
-    while lo < hi:
-        mid = (lo + hi) // 2
-        count = sum(int((_abs_bits(t) <= mid).sum()) for t in tensors)
-        if count >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return torch.tensor([lo], dtype=torch.int32).view(torch.float32)[0]
+def trim(v: torch.Tensor, threshold: Optional[torch.Tensor]) -> torch.Tensor:
+    """Trim_k: zero every entry with |x| below the threshold (see the module docstring)."""
+    return v if threshold is None else v * (v.abs().float() >= threshold.to(v.device))
 
 
-def _threshold(tensors: List[torch.Tensor], keep: float) -> Optional[torch.Tensor]:
-    """The trim threshold of ``topk_values_mask``; None when everything is kept."""
-    d = sum(t.numel() for t in tensors)
-    kth = d - int(d * keep)
-    if kth <= 0 or d == 0:
-        return None
-    return kth_smallest_abs(tensors, kth)
+def elected_sign(r_m: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
+    """sign(Σ trimmed rows) per entry (0 where the sum is 0)."""
+    return torch.sign(r_m + r_t)
 
 
-def trim(vector: StateDict, keep: float, scope: str) -> StateDict:
-    """Trim_k: zero every entry below the top-``keep`` fraction of |x| (see the module docstring)."""
-    if scope == "global":
-        thr = _threshold(list(vector.values()), keep)
-        if thr is None:
-            return dict(vector)
-        return {n: v * (v.abs().float() >= thr) for n, v in vector.items()}
-    out = {}
-    for n, v in vector.items():
-        thr = _threshold([v], keep)
-        out[n] = v if thr is None else v * (v.abs().float() >= thr)
-    return out
-
-
-def ties_disjoint_sum(rows: Iterable[StateDict], keep: float, scope: str) -> StateDict:
-    """TIES over stacked task vectors (FusionBench ``ties_merging`` with merge_func="sum"):
-    trim each row, elect sign(Σ trimmed rows) per entry, entries whose sum is 0 take the majority sign
-    sign(Σ elected signs) over all parameters, then sum the entries that agree with the elected sign."""
-    trimmed = [trim(r, keep, scope) for r in rows]
-    names = list(trimmed[0])
-    signs = {n: torch.sign(sum(r[n] for r in trimmed)) for n in names}
-    majority = torch.sign(sum(s.sum(dtype=torch.float64) for s in signs.values()))
-    out = {}
-    for n in names:
-        s = signs[n]
-        s = torch.where(s == 0, majority.to(s.dtype), s)
-        total = torch.zeros_like(trimmed[0][n])
-        for r in trimmed:
-            v = r[n]
-            # as the reference: elected sign > 0 keeps positive entries, otherwise negative ones
-            agree = torch.where(s > 0, v > 0, v < 0)
-            total = total + v * agree
-        out[n] = total
-    return out
+def disjoint_sum(rows, sign: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+    """TIES' disjoint sum (FusionBench ``disjoint_merge`` "sum"): entries whose elected sign is 0 take the
+    all-parameter majority sign, then the entries that agree with the elected sign are summed."""
+    sign = torch.where(sign == 0, majority.to(sign.dtype).to(sign.device), sign)
+    total = torch.zeros_like(rows[0])
+    for v in rows:
+        # as the reference: elected sign > 0 keeps positive entries, otherwise negative ones
+        total = total + v * torch.where(sign > 0, v > 0, v < 0)
+    return total
 
 
 @register_merger
@@ -146,25 +104,42 @@ class TiesMerger(Merger):
         if self.alpha is None:
             self.alpha = _DEFAULT_ALPHA[self.variant]
 
-    def reset(self, base):
-        self._sum: Dict[str, torch.Tensor] = zeros_like(base) if self.variant == "seed" else {}
+    def tensor_state_keys(self):
+        return ("sum",) if self.variant == "seed" else ()
 
-    def merge(self, base, previous, expert, start, step):
-        tau = sub(expert, start)
+    # ---- whole-model values ---------------------------------------------------------------------
+    def plan(self, step, context):
+        glob = self.trim_scope == "global"
         if self.variant == "seed":
-            for n, v in trim(tau, self.k, self.trim_scope).items():
-                self._sum[n] += v
-            return {n: base[n] + self.alpha * self._sum[n] for n in base}
+            return MergePlan(reductions=[KthSmallestAbs("thr_t", lambda x: x.tau, keep=self.k)] if glob else [])
         if step == 1:
-            update = tau
-        else:
-            update = ties_disjoint_sum([sub(previous, base), tau], self.k, self.trim_scope)
-        return {n: previous[n] + self.alpha * update[n] for n in previous}
+            return MergePlan()
+        reductions = ([KthSmallestAbs("thr_m", self._m, keep=self.k),
+                       KthSmallestAbs("thr_t", lambda x: x.tau, keep=self.k)] if glob else [])
+        # the all-parameter majority sign: sign(Σ elected signs), float64 vote
+        vote = Total("vote", lambda x: elected_sign(*self._trimmed_rows(x)).sum(dtype=torch.float64).cpu())
+        return MergePlan(reductions=reductions + [vote])
 
-    def state_dict(self):
-        return {f"sum.{n}": v for n, v in self._sum.items()}
+    @staticmethod
+    def _m(x):
+        return torch.sub(x.previous, x.base)
 
-    def load_state_dict(self, state):
-        if self.variant != "seed" and state:
-            raise ValueError("the fusionbench variant keeps no state but a checkpoint holds some")
-        self._sum = {n[len("sum."):]: v.clone() for n, v in state.items()}
+    def _threshold(self, x, key: str, v: torch.Tensor):
+        return x.reduced[key] if self.trim_scope == "global" else tensor_threshold(v, self.k)
+
+    def _trimmed_rows(self, x):
+        m, t = self._m(x), x.tau
+        return trim(m, self._threshold(x, "thr_m", m)), trim(t, self._threshold(x, "thr_t", t))
+
+    # ---- the per-tensor rule --------------------------------------------------------------------
+    def merge_tensor(self, x):
+        if self.variant == "seed":
+            tau = x.tau
+            total = x.state.get("sum", torch.zeros_like(x.base)) + trim(tau, self._threshold(x, "thr_t", tau))
+            x.new_state["sum"] = total
+            return x.base + self.alpha * total
+        if x.step == 1:
+            return x.previous + self.alpha * x.tau
+        r_m, r_t = self._trimmed_rows(x)
+        update = disjoint_sum([r_m, r_t], elected_sign(r_m, r_t), torch.sign(x.reduced["vote"]))
+        return x.previous + self.alpha * update

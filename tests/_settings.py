@@ -16,14 +16,15 @@ class Killed(RuntimeError):
 
 
 def kill_merges_at(monkeypatch, merger_cls, at_step):
-    """Make ``merger_cls.merge`` raise ``Killed`` at step ``at_step`` (after the checkpoint of the step
-    before); returns a function that restores the real merge, for the resumed run."""
-    original = merger_cls.merge
+    """Make ``merger_cls``'s merge step (its ``plan``, which the merge executor asks for first) raise
+    ``Killed`` at step ``at_step`` (after the checkpoint of the step before); returns a function that
+    restores the real merge, for the resumed run."""
+    original = merger_cls.plan
 
-    def dies(self, base, previous, expert, start, step):
+    def dies(self, step, context):
         if step == at_step:
             raise Killed()
-        return original(self, base, previous, expert, start, step)
+        return original(self, step, context)
 
-    monkeypatch.setattr(merger_cls, "merge", dies)
-    return lambda: monkeypatch.setattr(merger_cls, "merge", original)
+    monkeypatch.setattr(merger_cls, "plan", dies)
+    return lambda: monkeypatch.setattr(merger_cls, "plan", original)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cl_merge.errors import UserError
+from cl_merge.merge_engine import MergeContext
 from cl_merge.registry import MERGERS
 
 SHAPES = (("tall", (9, 5)), ("wide", (4, 7)), ("square", (6, 6)), ("bias", (6,)), ("conv", (3, 2, 2, 2)))
@@ -138,7 +139,7 @@ def test_alpha_grid_picks_the_best_scoring_alpha_and_needs_a_scorer():
         seen.append(state)
         return -sum(float((state[k].double() - target[k]).norm()) for k in state)
 
-    merger.bind_validation(score)
-    out = merge(merger, base, previous, expert, base, 2)
-    assert len(seen) == 3 and merger.chosen_alpha == 1.0
+    context = MergeContext(step=2, validation_score=score)
+    out = merger.merge(base=base, previous=previous, expert=expert, start=base, step=2, context=context)
+    assert len(seen) == 3 and context.record["chosen_alpha"] == 1.0
     assert close(out, target)

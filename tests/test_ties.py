@@ -130,14 +130,16 @@ def test_fusionbench_zero_sum_entries_take_the_majority_sign():
     assert got[1][0] == pytest.approx(4.0 + 0.5 * 4.0)
 
 
-def test_global_threshold_by_bisection_equals_the_sorted_one(monkeypatch):
-    from cl_merge.strategies import ties
+@pytest.mark.parametrize("concat_limit", [0, 1 << 22], ids=["histogram", "concatenated"])
+def test_global_threshold_equals_the_sorted_one(monkeypatch, concat_limit):
+    from cl_merge import reductions
+    from cl_merge.reductions import kth_smallest_abs
 
+    monkeypatch.setattr(reductions, "CONCAT_LIMIT", concat_limit)
     tensors = [torch.randn(5, 3), torch.tensor([0.0, -0.0, 2.5, -2.5, 1e-30]), torch.randn(7)]
     values = np.sort(np.abs(np.concatenate([t.numpy().ravel() for t in tensors])))
-    monkeypatch.setattr(ties, "CONCAT_LIMIT", 0)
     for k in (1, 2, 3, 9, len(values) - 1, len(values)):
-        assert float(ties.kth_smallest_abs(tensors, k)) == values[k - 1]
+        assert float(kth_smallest_abs(tensors, k)) == values[k - 1]
 
 
 @pytest.mark.parametrize("variant", ["seed", "fusionbench"])

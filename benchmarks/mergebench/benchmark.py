@@ -7,9 +7,10 @@ multilingual, coding, safety; ``seed:N`` draws a permutation. Each cell of the a
 domain score (the mean of its tasks' scores, see ``evaluation.py`` and ``tasks.json``); the overall
 MergeBench score of a row is the mean of its domain scores, i.e. the run's ACC for the final row.
 
-Memory: the run streams (``cl_merge.streaming_protocol``): θ0 and the experts are read one tensor at a
-time from their safetensors, the deployed model and the merger state are written one tensor at a time
-into the run's checkpoint folder, and the only model in memory is the evaluated one.
+Memory: the run uses the on-disk parameter store (``cl_merge.store.DiskStorage``) under the one protocol
+loop: θ0 and the experts are read one tensor at a time from their safetensors, the deployed model and
+the merger state are written one tensor at a time into the run's checkpoint folder, and the only model
+in memory is the evaluated one.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class MergeBenchBenchmark(Benchmark):
     name = "mergebench"
     description = ("MergeBench: continual merging of 5 published domain experts (instruction, math, multilingual, "
                    "coding, safety) of Llama-3.2-3B / 3.1-8B / gemma-2 (-Instruct/-it); checkpoint learner, streamed")
-    streaming = True
+    parameter_store = "disk"
     default_order = 1
 
     base: str = "Llama-3.2-3B"  # a MergeBench base name (its experts are MergeBench/{base}_{domain})
@@ -198,27 +199,26 @@ class MergeBenchBenchmark(Benchmark):
                                      metadata={"expert_checkpoint": self.expert_ref(d), "domain": d}))
         return stream
 
-    # ---- the run loop -----------------------------------------------------------------------------------
-    def run_stream(self, *, stream, adapter, learner, merger, protocol, checkpointer, resume, reporter,
-                   settings) -> Dict[str, Any]:
-        from cl_merge.streaming_protocol import run_streaming_protocol
+    # ---- the parameter store -----------------------------------------------------------------------------
+    def parameter_storage(self, *, adapter, checkpointer, device):
+        from cl_merge.store import DiskStorage
 
-        record = run_streaming_protocol(
-            stream=stream, adapter=adapter, learner=learner, merger=merger, protocol=protocol,
-            checkpointer=checkpointer, resume=resume, reporter=reporter, base_path=self.base_dir(),
-            eval_unseen=settings.eval_unseen, sar=settings.sar, sar_energy=settings.sar_energy,
-            store_dtype=self.store_dtype, merge_device=self.merge_device or self._device,
-            expert_eval_full=self.expert_eval_full)
+        return DiskStorage(self.base_dir(), checkpointer.directory / "stream", names=list(adapter.trainable_parameters()),
+                           model_names=[n for n, _ in adapter.model.named_parameters()],
+                           store_dtype=self.store_dtype, device=self.merge_device or self._device,
+                           expert_eval_full=self.expert_eval_full)
+
+    def finish_run(self, stream, record) -> None:
         rows = record["acc_matrix"]
         stream.settings["overall_per_row"] = [_mean([v for v in row if v is not None]) for row in rows]
-        stream.settings["streaming"] = record.get("streaming")
+        stream.settings["streaming"] = record.get("store_steps")
         stream.settings["mergeable_bytes"] = record.get("mergeable_bytes")
-        if self.save_merged and record.get("deployed_path"):
+        deployed = getattr(record.get("deployed"), "path", None)
+        if self.save_merged and deployed is not None:
             import shutil
 
             Path(self.save_merged).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(record["deployed_path"], Path(self.save_merged).expanduser())
-        return record
+            shutil.copyfile(deployed, Path(self.save_merged).expanduser())
 
 
 def _mean(values):
