@@ -17,6 +17,7 @@ import zlib
 from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import Checkpointer, load_optional
+from .divergence import check_step
 from .expert_cache import ExpertCache, expert_key
 from .learner import FitContext, Learner
 from .merger import Merger
@@ -124,6 +125,7 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         if getattr(merger, "chosen_alpha", None) is not None and getattr(merger, "alpha_grid", ()):
             record.setdefault("chosen_alpha", []).append(merger.chosen_alpha)
         merge_s = time.perf_counter() - t_merge
+        check_step(t, task.name, expert, deployed)  # non-finite expert/merged weights stop the run (divergence.py)
 
         t_sar = time.perf_counter()
         sar_step = sar.step(t, theta0, start, expert, deployed) if sar is not None else {}

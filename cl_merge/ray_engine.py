@@ -144,7 +144,7 @@ def _train_expert(config: RunConfig, task_name: str, out_dir: str, cwd: Optional
     _enter(cwd, threads)
     import cl_merge  # noqa: F401  (torchvision shim before open_clip)
     from .config import instantiate
-    from .expert_cache import ExpertCache, expert_key
+    from .expert_cache import ExpertCache, expert_key, layout_of
     from .learner import FitContext
     from .params import clone
     from .protocol import fit_seed
@@ -167,12 +167,15 @@ def _train_expert(config: RunConfig, task_name: str, out_dir: str, cwd: Optional
     theta0 = adapter.get_state()
     seed = fit_seed(config.seed, task, position, "independent")
     key = expert_key(adapter.base_fingerprint(), task.fingerprint, config.learner, learner.config(), seed)
-    cache = ExpertCache(cache_dir / "experts")
+    cache = ExpertCache(cache_dir / "experts", expected=layout_of(theta0))
     trained = False
-    if not cache._path(key).exists():
-        expert = learner.fit(clone(theta0), FitContext(adapter=adapter, task=task, step=position, seed=seed))
-        cache.put(key, expert)
-        trained = True
+    try:
+        if cache.get(key) is None:  # holds the entry's lock until put: trained once across processes
+            expert = learner.fit(clone(theta0), FitContext(adapter=adapter, task=task, step=position, seed=seed))
+            cache.put(key, expert)
+            trained = True
+    finally:
+        cache.release()
     return {"task": task_name, "learner": config.learner, "cache_key": key, "trained": trained,
             "seconds": time.perf_counter() - t0}
 
@@ -399,7 +402,8 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, resources: Optional[Di
                                                    if s == "trained" and shares_experts(config))
                     resumed = (f", resumed from step {info['resumed_from']}" if info.get("resumed_from") is not None
                                else "")
-                    display.line(f"[green]done[/] {run_id}: ACC {100 * info['acc']:.1f} in "
+                    score = "diverged" if info["acc"] is None else f"ACC {100 * info['acc']:.1f}"
+                    display.line(f"[green]done[/] {run_id}: {score} in "
                                  f"{info['seconds']:.1f} s{resumed}")
                 experts_done = len(ray.wait(list(expert_refs.values()), num_returns=len(expert_refs),
                                             timeout=0)[0]) if expert_refs else 0
