@@ -151,13 +151,19 @@ _BOUNDS = ((at.Gt, "gt", ">", lambda v, b: v > b), (at.Ge, "ge", ">=", lambda v,
 
 def check_constraints(value: Any, constraints, key: str) -> None:
     """Check ``value`` against annotated_types bounds (Gt/Ge/Lt/Le, and Interval, which groups them)."""
-    flat = []
     for c in constraints:
-        flat.extend(c if isinstance(c, at.GroupedMetadata) else [c])
-    for c in flat:
-        for kind, attr, symbol, ok in _BOUNDS:
-            if isinstance(c, kind) and not ok(value, getattr(c, attr)):
-                raise UserError(f"{key} must be {symbol} {getattr(c, attr)}; got {value!r}")
+        parts = list(c) if isinstance(c, at.GroupedMetadata) else [c]
+        for part in parts:
+            for kind, attr, symbol, ok in _BOUNDS:
+                if isinstance(part, kind) and not ok(value, getattr(part, attr)):
+                    want = _interval(c) if isinstance(c, at.Interval) else f"{symbol} {getattr(part, attr)}"
+                    raise UserError(f"{key} must be {want}; got {value!r}")
+
+
+def _interval(c: "at.Interval") -> str:
+    lo = f"({c.gt}" if c.gt is not None else (f"[{c.ge}" if c.ge is not None else "(-inf")
+    hi = f"{c.lt})" if c.lt is not None else (f"{c.le}]" if c.le is not None else "inf)")
+    return f"in {lo}, {hi}"
 
 
 OptionalFloat = Optional[float]

@@ -67,7 +67,7 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = 
         os.replace(tmp, path)
     except OSError as exc:
         _unlink_quietly(tmp)
-        if exc.filename is None or exc.filename == tmp:  # name the target, not our temp
+        if exc.filename is None or str(exc.filename).endswith(suffix):  # name the target, not our temp
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:
@@ -97,22 +97,40 @@ def _pid_alive(pid: int) -> bool:
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^/]+)-(?P<pid>\d+)-[a-z0-9_]+" + re.escape(TEMP_SUFFIX) + "$")
 
 
-def sweep_temps(directory: os.PathLike, recursive: bool = True) -> int:
-    """Remove temp files that a dead process of this host left under ``directory``; returns how many."""
+# temp names of earlier cl_merge versions (``.<target>.<random>.tmp``): no owner recorded, so only swept
+# once they are old enough that no write can still be going on
+_LEGACY_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+LEGACY_TEMP_AGE_S = 24 * 3600
+
+
+def _stale(p: Path, now: float) -> bool:
+    m = _TEMP_RE.match(p.name)
+    if m is not None:
+        return m.group("host") == _HOST and not _pid_alive(int(m.group("pid")))
+    if _LEGACY_TEMP_RE.match(p.name):
+        try:
+            return now - p.stat().st_mtime > LEGACY_TEMP_AGE_S
+        except OSError:
+            return False
+    return False
+
+
+def sweep_temps(directory: os.PathLike) -> int:
+    """Remove the temp files a dead process of this host left in ``directory`` and its subdirectories
+    (checkpoints' ``sar/``); returns how many. A live process's temp is never touched."""
+    import time
+
     directory = Path(directory)
     if not directory.is_dir():
         return 0
-    removed = 0
-    candidates = directory.rglob(f"*{TEMP_SUFFIX}") if recursive else directory.glob(f"*{TEMP_SUFFIX}")
-    for p in candidates:
-        m = _TEMP_RE.match(p.name)
-        if m is None or m.group("host") != _HOST or _pid_alive(int(m.group("pid"))):
-            continue
-        try:
-            p.unlink()
-            removed += 1
-        except OSError:
-            pass
+    removed, now = 0, time.time()
+    for p in [*directory.rglob(f"*{TEMP_SUFFIX}"), *directory.rglob("*.tmp")]:
+        if p.is_file() and _stale(p, now):
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                pass
     return removed
 
 

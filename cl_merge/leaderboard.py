@@ -250,7 +250,7 @@ def expand(grid: Grid) -> List[RunConfig]:
 # ---- running ---------------------------------------------------------------------------------------
 def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True, console=None) -> Dict[str, int]:
     """Execute every config whose result file is missing (resume=True); returns counts."""
-    from .runner import execute, result_path
+    from .runner import drop_leftover_checkpoint, execute, result_path
 
     counts = {"finished_before": 0, "ran": 0}
     for i, config in enumerate(configs, start=1):
@@ -259,6 +259,7 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True,
                 f"T={config.benchmark_params.get('num_tasks') or 'all'} order {config.order} seed {config.seed}")
         if path.exists():
             load_result(path)  # a corrupt file stops here, named
+            drop_leftover_checkpoint(config, out_dir)
             counts["finished_before"] += 1
             if console is not None:
                 console.print(f"{head}: finished earlier, skipped", highlight=False)

@@ -347,7 +347,9 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, resources: Optional[Di
     ray = import_ray()
     started_here = connect(address)
     t_start = time.perf_counter()
+    stop_on_term = _TermAsInterrupt() if started_here else contextlib.nullcontext()
     try:
+        stop_on_term.__enter__()
         cwd = os.getcwd()
         threads = max(1, int(resources["num_cpus"]))
         opts = {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"],
@@ -425,9 +427,36 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, resources: Optional[Di
                 outcome.experts_cached += 1
     finally:
         outcome.wall_s = time.perf_counter() - t_start
-        if started_here:
+        if started_here:  # a local instance we started (its raylets, dashboard and agents) goes with us
             ray.shutdown()
+        stop_on_term.__exit__(None, None, None)
     return outcome
+
+
+class _TermAsInterrupt:
+    """While a Ray instance started by cl_merge is up, SIGTERM is handled like Ctrl-C (KeyboardInterrupt),
+    so ``run_grid``'s cleanup shuts the instance down instead of leaving its processes running."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        return False
 
 
 class _GridDisplay:

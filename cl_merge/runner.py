@@ -64,7 +64,8 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
     started = False
     try:
         with run_lock(out_dir, config.run_id()) as waited:
-            if waited and path.exists():  # another process ran it meanwhile: never run twice
+            if (waited or resume) and path.exists():  # another process ran it meanwhile: never run twice
+                drop_leftover_checkpoint(config, out_dir)
                 return load_result(path), path
 
             def on_start():
