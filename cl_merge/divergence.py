@@ -24,9 +24,12 @@ class Diverged(Exception):
                  where: Optional[str] = None):
         self.step, self.task, self.quantity, self.value = step, task, quantity, value
         self.iteration, self.where = iteration, where
-        at = f"training iteration {iteration}" if iteration is not None else "after the step"
+        at = f"training iteration {iteration}" if iteration is not None else "after the merge"
         detail = f" in {where}" if where else ""
         super().__init__(f"diverged at step {step} (task {task}, {at}): {quantity} is {value}{detail}")
+
+    def __reduce__(self):  # picklable across demo worker processes and Ray tasks
+        return (Diverged, (self.step, self.task, self.quantity, self.value, self.iteration, self.where))
 
     def record(self) -> Dict[str, object]:
         """The ``divergence`` entry of a results file written with ``run.on_divergence=record``."""

@@ -76,6 +76,15 @@ def atomic_write(path: os.PathLike, write: Callable[[str], None], suffix: str = 
     return path
 
 
+def temp_path(path: os.PathLike) -> Path:
+    """A fresh name for a temp file beside ``path``, in the sweepable form (for writers that open the file
+    themselves, e.g. cl_merge.streaming's TensorWriter)."""
+    import secrets
+
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
 def _unlink_quietly(tmp: Optional[str]) -> None:
     if tmp is not None:
         try:
