@@ -4,7 +4,7 @@ The training loop (``GradientLearner.fit``) checks the loss and the gradient nor
 the protocol loop checks the expert and the merged weights after each step. The first non-finite
 quantity raises ``Diverged``, which names the stream step, the task and the quantity. The CLI turns it
 into one line and exit code ``EXIT_CODE``; with ``run.on_divergence=record`` the runner instead writes
-the run marked ``diverged: true`` (docs/ and README: "Divergence").
+the run marked ``diverged: true`` (README, "Divergence").
 """
 
 from __future__ import annotations

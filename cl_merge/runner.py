@@ -58,11 +58,11 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
         raise UserError(f"run.cache_dir {cache_dir} is a file, not a directory; choose a directory")
     check_results_dir(out_dir)
     created = not out_dir.exists()
-    ensure_results_dir(out_dir)
-    for directory in (out_dir, cache_dir / "experts", cache_dir / "heads"):
-        sweep_temps(directory)  # what killed processes left behind
     started = False
     try:
+        ensure_results_dir(out_dir)
+        for directory in (out_dir, cache_dir / "experts", cache_dir / "heads"):
+            sweep_temps(directory)  # what killed processes left behind
         with run_lock(out_dir, config.run_id()) as waited:
             if (waited or resume) and path.exists():  # another process ran it meanwhile: never run twice
                 drop_leftover_checkpoint(config, out_dir)
