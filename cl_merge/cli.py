@@ -342,10 +342,19 @@ def cmd_plot(args) -> int:
 
     plots.check_png_path(args.out)
     if args.kind == "matrix":
-        fig = plots.matrix_figure(plots.pick_result(args.result, args.strategy, args.order, args.num_tasks))
+        picked = plots.pick_result(args.result, args.strategy, args.order, args.num_tasks)
+        if picked.get("diverged"):
+            d = picked.get("divergence") or {}
+            raise UserError(f"that run diverged at step {d.get('step')} ({d.get('quantity')}); it has no full "
+                            "accuracy matrix to plot")
+        fig = plots.matrix_figure(picked)
     elif args.kind == "curves":
         files = find_results(args.paths)
         results = [load_result(f) for f in files]
+        diverged = [r for r in results if r.get("diverged")]
+        if diverged:  # no curve for a run without metrics
+            out.print(f"[yellow]{len(diverged)} diverged run(s) left out[/] (e.g. {diverged[0].get('run_id')})")
+            results = [r for r in results if not r.get("diverged")]
         if args.strategies:
             results = [r for r in results if r["strategy"] in args.strategies]
         if not results:
@@ -396,8 +405,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         err.print(f"cl-merge: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except Diverged as exc:
-        err.print(f"cl-merge: {exc}; no results written, the last good checkpoint is kept (lower learner.lr, "
-                  "or run.on_divergence=record to record the run as diverged)", markup=False, highlight=False,
+        err.print(f"cl-merge: {exc}; no results file written, finished steps stay checkpointed (lower "
+                  "learner.lr, or run.on_divergence=record to record the run as diverged)", markup=False, highlight=False,
                   soft_wrap=True)
         return EXIT_CODE
     except OSError as exc:  # I/O failures are the user's to fix (permissions, space, a file in the way)

@@ -173,7 +173,7 @@ def content_hash(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-_OS_CODE = re.compile(r"code: (\d+)")
+_OS_CODE = re.compile(r"(?:code: |os error )(\d+)")  # how safetensors' Rust side names the OS error
 
 
 def save_tensors_atomic(path: os.PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> None:

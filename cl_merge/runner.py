@@ -58,7 +58,6 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
         raise UserError(f"run.cache_dir {cache_dir} is a file, not a directory; choose a directory")
     check_results_dir(out_dir)
     created = not out_dir.exists()
-    started = False
     try:
         ensure_results_dir(out_dir)
         for directory in (out_dir, cache_dir / "experts", cache_dir / "heads"):
@@ -68,14 +67,11 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
                 drop_leftover_checkpoint(config, out_dir)
                 return load_result(path), path
 
-            def on_start():
-                nonlocal started
-                started = True
-
             return _run(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device,
-                        cache_dir, on_start)
+                        cache_dir)
     except Exception:
-        if created and not started:  # a failure during setup leaves nothing behind
+        # a run that fails before its first checkpoint, in a directory it created, leaves nothing behind
+        if created and not (out_dir / f"{config.run_id()}.ckpt" / "state.json").exists():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
@@ -105,8 +101,8 @@ def run_lock(out_dir: Path, run_id: str):
         lock.release()
 
 
-def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device, cache_dir,
-         on_start) -> Tuple[Dict[str, Any], Path]:
+def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device,
+         cache_dir) -> Tuple[Dict[str, Any], Path]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if device.startswith("cuda"):
@@ -122,7 +118,6 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
                                             eval_batch_size=settings.eval_batch_size)
             stream = benchmark.build_stream(order=config.order, seed=config.seed)
             setup_s = time.perf_counter() - t0
-            on_start()
             cache = (ExpertCache(cache_dir / "experts", expected=layout_of(adapter.get_state()))
                      if settings.expert_cache else None)
             # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it

@@ -132,9 +132,11 @@ def test_on_divergence_record_writes_a_diverged_run_shown_as_diverged(tmp_path, 
     line = next(line for line in board.splitlines() if line.startswith("| c-ties"))
     assert "diverged (1/1)" in line and "%" not in line
     assert not any(ch.isdigit() for cell in line.split("|")[5:9] for ch in cell if cell.strip() != "diverged (1/1)")
-    # a diverged result still reads as a result file (report command)
+    # a diverged result still reads as a result file (report command); it has no matrix to plot
     rc, err = cli(capsys, "report", tmp_path / "out")
     assert rc == 0
+    rc, err = cli(capsys, "plot", "matrix", path, "--out", tmp_path / "m.png")
+    assert rc == 2 and len(err) == 1 and "diverged at step 2" in err[0] and not (tmp_path / "m.png").exists()
 
 
 def test_on_divergence_does_not_change_the_run_id():
@@ -306,12 +308,14 @@ def test_a_full_disk_while_writing_results_is_one_line_and_leaves_no_temp(tmp_pa
     assert not list((tmp_path / "out").rglob(f"*{TEMP_SUFFIX}"))
 
 
-def test_safetensors_io_errors_become_os_errors_naming_the_target(tmp_path, monkeypatch):
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: No space left on device (os error 28)",
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'])
+def test_safetensors_io_errors_become_os_errors_naming_the_target(tmp_path, monkeypatch, message):
     import safetensors.torch
 
     def fail(tensors, filename, metadata=None):
-        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                                          'message: "No space left on device" })')
+        raise safetensors.SafetensorError(message)
 
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     with pytest.raises(OSError) as info:
