@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Annotated, Any, ClassVar, Dict, List, Optional
+
+import annotated_types as at
 
 from .components import Component
 from .models.base import ModelAdapter
@@ -19,7 +21,7 @@ class Benchmark(Component):
     gets the same budget on a given benchmark.
     """
 
-    num_tasks: Optional[int] = None
+    num_tasks: Optional[Annotated[int, at.Ge(2)]] = None  # a stream has at least 2 tasks
     train_defaults: ClassVar[Dict[str, Any]] = {}
     default_order: ClassVar[Any] = 1
 

@@ -1,5 +1,8 @@
 """Per-step checkpoints: the resume point of a run.
 
+Every tensor file carries a content hash (cl_merge.io) checked on load: a damaged checkpoint is
+refused with one line, never resumed from.
+
 Layout: ``<dir>/state.json`` (step, accuracy rows, timings, config fingerprint) and
 ``<dir>/step-<t>.safetensors`` (deployed weights, merger state, learner state). The tensors are
 written first and state.json is replaced atomically last, so a run killed at any moment leaves
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from .errors import UserError
-from .io import load_tensors, save_tensors_atomic, write_json_atomic
+from .io import DamagedFile, load_tensors, save_tensors_atomic, write_json_atomic
 from .params import StateDict
 
 FORMAT = 1
@@ -62,7 +65,10 @@ class Checkpointer:
             raise UserError(f"checkpoint {where} belongs to a different configuration; delete it or run "
                             "without --resume")
         try:
-            flat = load_tensors(self.directory / tensor_file)
+            flat = load_tensors(self.directory / tensor_file)  # content hash checked
+        except DamagedFile as exc:
+            raise UserError(f"checkpoint {where} is refused ({tensor_file}: {exc.reason}); delete it or run "
+                            "without --resume") from None
         except Exception as exc:
             raise UserError(f"checkpoint {where} is corrupt (cannot read {tensor_file}: "
                             f"{exc.__class__.__name__}); delete it or run without --resume") from None

@@ -1,6 +1,8 @@
 """The ``cl-merge`` command: run, list, report, demo, leaderboard, plot.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix), 1 internal failure.
+Exit codes: 0 success, 2 bad input or an unwritable/unreadable path (one line on stderr naming the problem
+and the fix), 3 the run diverged (a non-finite loss, gradient norm or weight; one line naming the step,
+task and quantity), 1 internal failure.
 """
 
 from __future__ import annotations
@@ -20,8 +22,17 @@ out = Console()
 err = Console(stderr=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2); subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        err.print(f"{self.prog}: error: {message} (see {self.prog} --help)", markup=False, highlight=False,
+                  soft_wrap=True)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cl-merge", description="Continual learning x model merging benchmark harness.")
+    p = _Parser(prog="cl-merge", description="Continual learning x model merging benchmark harness.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run one strategy on one benchmark stream")
@@ -132,6 +143,13 @@ def _summary(result, path) -> None:
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}"
 
+    if result.get("diverged"):
+        d = result.get("divergence") or {}
+        out.print(f"[bold]{result['strategy']}[/] ({result['protocol']}) on {result['benchmark']}: [red]diverged[/] at "
+                  f"step {d.get('step')} ({d.get('task')}): {d.get('quantity')} is {d.get('value')}; recorded as "
+                  "diverged (run.on_divergence=record)")
+        out.print(f"results: {path}")
+        return
     out.print(f"[bold]{result['strategy']}[/] ({result['protocol']}) on {result['benchmark']} "
               f"[{len(result['tasks'])} tasks, order {result['order']}, seed {result['seed']}]: "
               f"ACC {pct(result['acc'])}  BWT {pct(result['bwt'])}  FWT {pct(result['fwt'])}  "
@@ -324,10 +342,19 @@ def cmd_plot(args) -> int:
 
     plots.check_png_path(args.out)
     if args.kind == "matrix":
-        fig = plots.matrix_figure(plots.pick_result(args.result, args.strategy, args.order, args.num_tasks))
+        picked = plots.pick_result(args.result, args.strategy, args.order, args.num_tasks)
+        if picked.get("diverged"):
+            d = picked.get("divergence") or {}
+            raise UserError(f"that run diverged at step {d.get('step')} ({d.get('quantity')}); it has no full "
+                            "accuracy matrix to plot")
+        fig = plots.matrix_figure(picked)
     elif args.kind == "curves":
         files = find_results(args.paths)
         results = [load_result(f) for f in files]
+        diverged = [r for r in results if r.get("diverged")]
+        if diverged:  # no curve for a run without metrics
+            out.print(f"[yellow]{len(diverged)} diverged run(s) left out[/] (e.g. {diverged[0].get('run_id')})")
+            results = [r for r in results if not r.get("diverged")]
         if args.strategies:
             results = [r for r in results if r["strategy"] in args.strategies]
         if not results:
@@ -368,11 +395,22 @@ COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "demo": cmd_
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .divergence import EXIT_CODE, Diverged
+    from .io import os_error_line
+
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
         err.print(f"cl-merge: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except Diverged as exc:
+        err.print(f"cl-merge: {exc}; no results file written, finished steps stay checkpointed (lower "
+                  "learner.lr, or run.on_divergence=record to record the run as diverged)", markup=False, highlight=False,
+                  soft_wrap=True)
+        return EXIT_CODE
+    except OSError as exc:  # I/O failures are the user's to fix (permissions, space, a file in the way)
+        err.print(f"cl-merge: error: {os_error_line(exc)}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except _GridFailed as exc:
         err.print(f"cl-merge: {exc}", markup=False, highlight=False, soft_wrap=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
-from .components import Component
+from .components import Component, OpenUnitInterval, PositiveInt
 from .errors import UserError
 from .registry import BENCHMARKS, LEARNERS, MERGERS, PROTOCOLS, STRATEGIES
 
@@ -22,13 +22,15 @@ class RunSettings(Component):
     name = "run"
     eval_unseen: bool = True  # evaluate not-yet-seen tasks too (needed for FWT)
     device: str = "cpu"  # cpu | cuda | auto
-    eval_batch_size: int = 256
-    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    eval_batch_size: PositiveInt = 256
+    threads: Optional[PositiveInt] = None  # torch intra-op threads; None = torch's default
     expert_cache: bool = True  # reuse independent-protocol experts across strategies
     cache_dir: Optional[str] = None  # default: <out>/.cache
     sar: bool = True  # record the subspace alignment ratio per step (one SVD per 2-D layer per step)
     sar_store: bool = False  # keep each task's update on disk (bf16) so SAR averages over all seen tasks
-    sar_energy: float = 0.95  # retained energy that picks the merged update's rank k
+    sar_energy: OpenUnitInterval = 0.95  # retained energy that picks the merged update's rank k
+    # a non-finite loss, gradient norm or weight: stop (exit 3, no results file) or record the run as diverged
+    on_divergence: Literal["stop", "record"] = "stop"
 
     def __post_init__(self):
         if not 0.0 < self.sar_energy <= 1.0:
@@ -36,7 +38,9 @@ class RunSettings(Component):
 
 
 # settings that change speed or storage but never a result (left out of the run fingerprint)
-_NON_RESULT_SETTINGS = {"device", "eval_batch_size", "threads", "expert_cache", "cache_dir"}
+_NON_RESULT_SETTINGS = {"device", "eval_batch_size", "threads", "expert_cache", "cache_dir", "on_divergence"}
+# where files go, not what a run is: left out of the results file too (the same run, wherever its cache lives)
+STORAGE_SETTINGS = ("cache_dir",)
 
 
 @dataclasses.dataclass

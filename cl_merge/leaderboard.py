@@ -250,7 +250,7 @@ def expand(grid: Grid) -> List[RunConfig]:
 # ---- running ---------------------------------------------------------------------------------------
 def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True, console=None) -> Dict[str, int]:
     """Execute every config whose result file is missing (resume=True); returns counts."""
-    from .runner import execute, result_path
+    from .runner import drop_leftover_checkpoint, execute, result_path
 
     counts = {"finished_before": 0, "ran": 0}
     for i, config in enumerate(configs, start=1):
@@ -259,6 +259,7 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True,
                 f"T={config.benchmark_params.get('num_tasks') or 'all'} order {config.order} seed {config.seed}")
         if path.exists():
             load_result(path)  # a corrupt file stops here, named
+            drop_leftover_checkpoint(config, out_dir)
             counts["finished_before"] += 1
             if console is not None:
                 console.print(f"{head}: finished earlier, skipped", highlight=False)
@@ -269,8 +270,8 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True,
         result, _ = execute(config, out_dir=out_dir, resume=True, progress=progress)
         counts["ran"] += 1
         if console is not None:
-            console.print(f"{head}: ACC {100 * result['acc']:.1f} in {time.perf_counter() - t0:.1f} s",
-                          highlight=False)
+            score = "diverged" if result.get("diverged") else f"ACC {100 * result['acc']:.1f}"
+            console.print(f"{head}: {score} in {time.perf_counter() - t0:.1f} s", highlight=False)
     return counts
 
 
@@ -324,6 +325,7 @@ class Row:
     worst_order: Any
     sar_scope: Optional[str]
     reference: Optional[Dict[str, Any]] = None
+    diverged: int = 0  # runs of the row marked diverged: its metrics are shown as "diverged", never numbers
 
     @property
     def name(self) -> str:
@@ -360,11 +362,15 @@ def aggregate(results: Sequence[Dict[str, Any]], reference: Optional[List[Dict[s
             mine = json.loads(variant_json)
             differing = sorted({k for v in variants for k in set(v) | set(mine) if v.get(k) != mine.get(k)})
             variant = ", ".join(f"{k}={mine.get(k)}" for k in differing)
-        stats = {m: mean_std([f(r) for r in runs]) for m, f in METRICS.items()}
+        diverged = sum(1 for r in runs if r.get("diverged"))
+        stats = {m: ((None, None, 0) if diverged else mean_std([f(r) for r in runs])) for m, f in METRICS.items()}
         per_order: Dict[Any, Dict[str, Optional[float]]] = {}
         for order in sorted({r["order"] for r in runs}, key=_order_key):
             of_order = [r for r in runs if r["order"] == order]
-            per_order[order] = {m: mean_std([METRICS[m](r) for r in of_order])[0] for m in ("acc", "bwt", "sar", "normalized_acc")}
+            bad = any(r.get("diverged") for r in of_order)
+            per_order[order] = {m: None if bad else mean_std([METRICS[m](r) for r in of_order])[0]
+                                for m in ("acc", "bwt", "sar", "normalized_acc")}
+            per_order[order]["diverged"] = bad
         ranked = [o for o in per_order if per_order[o]["acc"] is not None]
         worst = min(ranked, key=lambda o: per_order[o]["acc"]) if ranked else None
         if len(ranked) > 1 and max(per_order[o]["acc"] for o in ranked) - per_order[worst]["acc"] < 1e-12:
@@ -373,7 +379,7 @@ def aggregate(results: Sequence[Dict[str, Any]], reference: Optional[List[Dict[s
         row = Row(benchmark=benchmark, model=model, strategy=strategy, variant=variant, protocol=protocol, T=T,
                   runs=sorted(runs, key=lambda r: (_order_key(r["order"]), r["seed"])), stats=stats,
                   per_order=per_order, worst_order=worst,
-                  sar_scope=scopes.pop() if len(scopes) == 1 else ("mixed" if scopes else None))
+                  sar_scope=scopes.pop() if len(scopes) == 1 else ("mixed" if scopes else None), diverged=diverged)
         if reference is not None and not variant and all(r.get("registered_strategy", True) for r in runs):
             row.reference = match_reference(reference, model, strategy, T)
         rows.append(row)
@@ -484,12 +490,20 @@ def table_cells(row: Row, orders: Sequence[Any], reference: bool) -> List[str]:
         worst = f"{row.worst_order} ({_pct(row.per_order[row.worst_order]['acc'])})"
     else:
         worst = "all equal" if len(row.per_order) > 1 else "–"
-    cells = [row.name, row.protocol, str(row.T), str(row.n), _pm(row.stats["acc"]), _pm(row.stats["bwt"]),
-             _pm(row.stats["sar"], percent=False), _pm(row.stats["normalized_acc"]), worst]
-    cells += [_pct(row.per_order[o]["acc"]) if o in row.per_order else "" for o in orders]
+    if row.diverged:  # never a number for a row with a diverged run
+        mark = f"diverged ({row.diverged}/{row.n})"
+        cells = [row.name, row.protocol, str(row.T), str(row.n), mark, mark, mark, mark, "–"]
+    else:
+        cells = [row.name, row.protocol, str(row.T), str(row.n), _pm(row.stats["acc"]), _pm(row.stats["bwt"]),
+                 _pm(row.stats["sar"], percent=False), _pm(row.stats["normalized_acc"]), worst]
+    cells += [(_order_cell(row.per_order[o])) if o in row.per_order else "" for o in orders]
     if reference:
         cells += [_ref(row.reference, "acc"), _ref(row.reference, "bwt")]
     return cells
+
+
+def _order_cell(vals: Dict[str, Any]) -> str:
+    return "diverged" if vals.get("diverged") else _pct(vals["acc"])
 
 
 def title_of(rows: Sequence[Row], title: Optional[str] = None) -> str:
@@ -550,6 +564,10 @@ def markdown(rows: Sequence[Row], title: Optional[str] = None,
     for row in rows:
         for order, vals in row.per_order.items():
             seeds = len([r for r in row.runs if r["order"] == order])
+            if vals.get("diverged"):
+                lines.append(f"| {row.name} | {row.protocol} | {row.T} | {order} | {seeds} | diverged | diverged | "
+                             "diverged | diverged |")
+                continue
             sar = "–" if vals["sar"] is None else f"{vals['sar']:.3f}"
             lines.append(f"| {row.name} | {row.protocol} | {row.T} | {order} | {seeds} | {_pct(vals['acc'])} | "
                          f"{_pct(vals['bwt'])} | {sar} | {_pct(vals['normalized_acc'])} |")
@@ -559,7 +577,7 @@ def markdown(rows: Sequence[Row], title: Optional[str] = None,
 def csv_text(rows: Sequence[Row]) -> str:
     """One line per row; metrics as fractions in [0, 1] like the results JSON (paper columns too)."""
     orders = all_orders(rows)
-    fields = ["benchmark", "model", "strategy", "variant", "protocol", "T", "n", "orders", "sar_scope"]
+    fields = ["benchmark", "model", "strategy", "variant", "protocol", "T", "n", "diverged", "orders", "sar_scope"]
     for m in ("acc", "bwt", "sar", "normalized_acc"):
         fields += [f"{m}_mean", f"{m}_std"]
     fields += ["worst_order", "worst_order_acc"]
@@ -572,13 +590,14 @@ def csv_text(rows: Sequence[Row]) -> str:
     for row in rows:
         rec: Dict[str, Any] = {"benchmark": row.benchmark, "model": row.model, "strategy": row.strategy,
                                "variant": row.variant, "protocol": row.protocol, "T": row.T, "n": row.n,
-                               "orders": " ".join(map(str, row.per_order)), "sar_scope": row.sar_scope,
+                               "diverged": row.diverged, "orders": " ".join(map(str, row.per_order)), "sar_scope": row.sar_scope,
                                "worst_order": row.worst_order,
                                "worst_order_acc": row.per_order[row.worst_order]["acc"] if row.worst_order is not None else None}
         for m in ("acc", "bwt", "sar", "normalized_acc"):
             rec[f"{m}_mean"], rec[f"{m}_std"], _ = row.stats[m]
             for o in orders:
-                rec[f"{m}_order_{o}"] = row.per_order.get(o, {}).get(m)
+                vals = row.per_order.get(o, {})
+                rec[f"{m}_order_{o}"] = "diverged" if vals.get("diverged") else vals.get(m)
         if row.reference:
             for k in ("acc_mean", "acc_std", "bwt_mean", "bwt_std"):
                 v = row.reference.get(k)

@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Dict, Literal, Optional
 
 import torch
 
-from .components import Component
+from .components import Component, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from .divergence import check_iteration
 from .models.base import ModelAdapter
 from .params import StateDict
 from .task import Task
@@ -73,12 +74,12 @@ class GradientLearner(Learner):
     defaults (e.g. the mini suite's), so every learner is run with the same budget.
     """
 
-    steps: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    weight_decay: float = 0.01
+    steps: Optional[PositiveInt] = None
+    batch_size: Optional[PositiveInt] = None
+    lr: Optional[PositiveFloat] = None
+    weight_decay: NonNegativeFloat = 0.01
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
 
     def step_budget(self) -> int:
         return self.steps or 0
@@ -133,6 +134,7 @@ class GradientLearner(Learner):
                 return loss
 
             loss = ctx.optimizer.step(closure)
+            check_iteration(ctx, loss)  # a non-finite loss or gradient norm stops the run (cl_merge.divergence)
             scheduler.step()
             self.after_update(ctx)
             if ctx.on_iteration is not None:

@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import Checkpointer, load_optional
+from .divergence import check_step
 from .expert_cache import ExpertCache
 from .expert_provider import ExpertProvider, fit_seed  # noqa: F401  (fit_seed: part of this module's API)
 from .learner import Learner
@@ -157,6 +158,8 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
                             scratch_writer=scratch_writer, release=release, context=context, names=names)
         store_info = {"merge_passes": result.passes, "merge_peak_live_bytes": storage.tracker_peak(),
                       **storage.step_info(result.deployed, result.state)}
+        # non-finite expert or merged weights stop the run before its checkpoint (divergence.py)
+        check_step(t, task.name, expert, result.deployed)
 
         t_sar = time.perf_counter()
         sar_step = sar.step(t, theta0, start, expert, result.deployed) if sar is not None else {}

@@ -144,7 +144,7 @@ def _train_expert(config: RunConfig, task_name: str, out_dir: str, cwd: Optional
     _enter(cwd, threads)
     import cl_merge  # noqa: F401  (torchvision shim before open_clip)
     from .config import instantiate
-    from .expert_cache import ExpertCache
+    from .expert_cache import ExpertCache, layout_of
     from .expert_provider import ExpertProvider
     from .runner import resolve_device
 
@@ -162,9 +162,13 @@ def _train_expert(config: RunConfig, task_name: str, out_dir: str, cwd: Optional
         adapter.prepare(task)
     position = [t.name for t in tasks].index(task_name) + 1
     task = tasks[position - 1]
-    provider = ExpertProvider(adapter, learner, config.learner, "independent", config.seed,
-                              ExpertCache(cache_dir / "experts"))
-    _, source = provider.get(task, position, adapter.get_state())
+    theta0 = adapter.get_state()
+    cache = ExpertCache(cache_dir / "experts", expected=layout_of(theta0))
+    provider = ExpertProvider(adapter, learner, config.learner, "independent", config.seed, cache)
+    try:  # the cache holds the entry's lock from get until put: trained once across processes
+        _, source = provider.get(task, position, theta0)
+    finally:
+        cache.release()
     return {"task": task_name, "learner": config.learner, "cache_key": provider.cache_key(task, position),
             "trained": source != "cache", "seconds": time.perf_counter() - t0}
 
@@ -336,7 +340,9 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, resources: Optional[Di
     ray = import_ray()
     started_here = connect(address)
     t_start = time.perf_counter()
+    stop_on_term = _TermAsInterrupt() if started_here else contextlib.nullcontext()
     try:
+        stop_on_term.__enter__()
         cwd = os.getcwd()
         threads = max(1, int(resources["num_cpus"]))
         opts = {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"],
@@ -391,7 +397,8 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, resources: Optional[Di
                                                    if s == "trained" and shares_experts(config))
                     resumed = (f", resumed from step {info['resumed_from']}" if info.get("resumed_from") is not None
                                else "")
-                    display.line(f"[green]done[/] {run_id}: ACC {100 * info['acc']:.1f} in "
+                    score = "diverged" if info["acc"] is None else f"ACC {100 * info['acc']:.1f}"
+                    display.line(f"[green]done[/] {run_id}: {score} in "
                                  f"{info['seconds']:.1f} s{resumed}")
                 experts_done = len(ray.wait(list(expert_refs.values()), num_returns=len(expert_refs),
                                             timeout=0)[0]) if expert_refs else 0
@@ -413,9 +420,36 @@ def run_grid(configs: Sequence[RunConfig], out_dir: Path, resources: Optional[Di
                 outcome.experts_cached += 1
     finally:
         outcome.wall_s = time.perf_counter() - t_start
-        if started_here:
+        if started_here:  # a local instance we started (its raylets, dashboard and agents) goes with us
             ray.shutdown()
+        stop_on_term.__exit__(None, None, None)
     return outcome
+
+
+class _TermAsInterrupt:
+    """While a Ray instance started by cl_merge is up, SIGTERM is handled like Ctrl-C (KeyboardInterrupt),
+    so ``run_grid``'s cleanup shuts the instance down instead of leaving its processes running."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        return False
 
 
 class _GridDisplay:

@@ -14,6 +14,7 @@ COLUMNS = [
     ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("wall s", "wall_s"),
 ]
 _PERCENT = {"acc", "bwt", "fwt", "normalized_acc"}
+_METRICS = _PERCENT | {"sar"}
 
 
 def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -25,8 +26,16 @@ def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "fwt": r["fwt"], "normalized_acc": r["normalized_acc"],
             "sar": (r.get("sar") or [None])[-1],  # after the final step
             "wall_s": (r.get("timings") or {}).get("wall_s"),
+            "diverged": bool(r.get("diverged")),
         })
     return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"])))
+
+
+def cell(row: Dict[str, Any], key: str) -> str:
+    """A table cell; a diverged run's metrics read "diverged", never a number."""
+    if row.get("diverged") and key in _METRICS:
+        return "diverged"
+    return fmt(key, row[key])
 
 
 def fmt(key: str, value: Any) -> str:
@@ -46,7 +55,7 @@ def rich_table(table_rows: List[Dict[str, Any]], title: str = "cl_merge results 
     for header, key in COLUMNS:
         table.add_column(header, justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed", "sar"} else "left")
     for row in table_rows:
-        table.add_row(*(fmt(key, row[key]) for _, key in COLUMNS))
+        table.add_row(*(cell(row, key) for _, key in COLUMNS))
     return table
 
 
@@ -54,17 +63,17 @@ def markdown(table_rows: List[Dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |",
              "|" + "|".join("---:" if k in _PERCENT or k in {"T", "wall_s", "seed", "sar"} else "---" for _, k in COLUMNS) + "|"]
     for row in table_rows:
-        lines.append("| " + " | ".join(fmt(k, row[k]) for _, k in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(row, k) for _, k in COLUMNS) + " |")
     return "\n".join(lines) + ("\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %; SAR (subspace alignment "
                                 "ratio) after the final step, in [0, 1].\n")
 
 
 def csv_text(table_rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS])
+    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS] + ["diverged"])
     writer.writeheader()
     for row in table_rows:
-        writer.writerow(row)
+        writer.writerow({k: ("diverged" if row.get("diverged") and k in _METRICS else v) for k, v in row.items()})
     return buf.getvalue()
 
 

@@ -73,14 +73,25 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def ensure_results_dir(path: Path) -> None:
-    """Create ``path`` or accept it when it is ours (marker) or empty; refuse anybody else's directory."""
+def check_results_dir(path: Path) -> None:
+    """The checks of ``ensure_results_dir``, creating nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file, not a directory; choose a directory")
     if path.exists() and not (path / MARKER).exists() and any(path.iterdir()):
         raise UserError(f"--out {path} is not a cl_merge results directory (no {MARKER} marker and not "
                         "empty); choose a new or empty directory")
+    for parent in path.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {path}: {parent} is a file, not a directory; choose another location")
+            break
+
+
+def ensure_results_dir(path: Path) -> None:
+    """Create ``path`` or accept it when it is ours (marker) or empty; refuse anybody else's directory."""
+    path = Path(path)
+    check_results_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / MARKER
     if not marker.exists():

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
+
+from filelock import FileLock, Timeout
 
 import torch
 
 from . import metrics
 from .checkpoint import Checkpointer
-from .config import RunConfig, instantiate
+from .config import STORAGE_SETTINGS, RunConfig, instantiate
+from .divergence import Diverged
 from .errors import UserError
-from .expert_cache import ExpertCache
-from .io import write_json_atomic
+from .expert_cache import ExpertCache, layout_of
+from .io import sweep_temps, warn, write_json_atomic
 from .progress import Reporter
 from .protocol import run_protocol
-from .results import SCHEMA_VERSION, ensure_results_dir, environment, git_commit, load_result, peak_memory_bytes
+from .results import SCHEMA_VERSION, check_results_dir, ensure_results_dir, environment, git_commit, load_result, peak_memory_bytes
 from .sar import SARMeter
 
 DEFAULT_OUT = Path("results/runs")
@@ -37,38 +43,105 @@ def result_path(config: RunConfig, out_dir: Path) -> Path:
 def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False,
             progress: bool = True) -> Tuple[Dict[str, Any], Path]:
     out_dir = Path(out_dir)
-    ensure_results_dir(out_dir)
     path = result_path(config, out_dir)
     if resume and path.exists():
-        return load_result(path), path
+        result = load_result(path)
+        drop_leftover_checkpoint(config, out_dir)
+        return result, path
 
+    # every check before anything is created: settings, device, stream, where files go
     benchmark, learner, merger, settings = instantiate(config)
     device = resolve_device(settings.device)
+    benchmark.task_names(config.order)  # stream length and order (benchmarks without it: build_stream)
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / ".cache"
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"run.cache_dir {cache_dir} is a file, not a directory; choose a directory")
+    check_results_dir(out_dir)
+    created = not out_dir.exists()
+    try:
+        ensure_results_dir(out_dir)
+        for directory in (out_dir, cache_dir / "experts", cache_dir / "heads"):
+            sweep_temps(directory)  # what killed processes left behind
+        with run_lock(out_dir, config.run_id()) as waited:
+            if (waited or resume) and path.exists():  # another process ran it meanwhile: never run twice
+                drop_leftover_checkpoint(config, out_dir)
+                return load_result(path), path
+
+            return _run(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device,
+                        cache_dir)
+    except Exception:
+        # a run that fails before its first checkpoint, in a directory it created, leaves nothing behind
+        if created and not (out_dir / f"{config.run_id()}.ckpt" / "state.json").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def drop_leftover_checkpoint(config: RunConfig, out_dir: Path) -> None:
+    """A checkpoint beside a finished result is spent (e.g. the process died between the two writes)."""
+    leftover = Path(out_dir) / f"{config.run_id()}.ckpt"
+    if leftover.is_dir():
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, run_id: str):
+    """Hold ``<out>/.<run id>.lock`` while the run executes; yields whether another process held it first
+    (then this one waited for it to finish)."""
+    lock = FileLock(str(Path(out_dir) / f".{run_id}.lock"))
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        warn(f"run {run_id} is being run by another process; waiting for it")
+        lock.acquire()
+        waited = True
+    try:
+        yield waited
+    finally:
+        lock.release()
+
+
+def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device,
+         cache_dir) -> Tuple[Dict[str, Any], Path]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    cache_dir = Path(settings.cache_dir) if settings.cache_dir else out_dir / ".cache"
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
     t_start = time.perf_counter()
-    with Reporter(enabled=progress) as reporter:
-        t0 = time.perf_counter()
-        adapter = benchmark.build_model(cache_dir=cache_dir, device=device,
-                                        eval_batch_size=settings.eval_batch_size)
-        stream = benchmark.build_stream(order=config.order, seed=config.seed)
-        setup_s = time.perf_counter() - t0
-        checkpointer = Checkpointer(out_dir / f"{config.run_id()}.ckpt", config.fingerprint())
-        cache = ExpertCache(cache_dir / "experts") if settings.expert_cache else None
-        # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
-        sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
-               if settings.sar else None)
-        # the benchmark picks the parameter store: in memory, or tensor by tensor on disk (mergebench)
-        storage = benchmark.parameter_storage(adapter=adapter, checkpointer=checkpointer, device=device)
-        record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
-                              merger=merger, protocol=config.protocol, seed=config.seed,
-                              eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
-                              cache=cache, reporter=reporter, sar=sar, storage=storage)
-        benchmark.finish_run(stream, record)
+    checkpointer = Checkpointer(out_dir / f"{config.run_id()}.ckpt", config.fingerprint())
+    cache = None
+    try:
+        with Reporter(enabled=progress) as reporter:
+            t0 = time.perf_counter()
+            adapter = benchmark.build_model(cache_dir=cache_dir, device=device,
+                                            eval_batch_size=settings.eval_batch_size)
+            stream = benchmark.build_stream(order=config.order, seed=config.seed)
+            setup_s = time.perf_counter() - t0
+            cache = (ExpertCache(cache_dir / "experts", expected=layout_of(adapter.get_state()))
+                     if settings.expert_cache else None)
+            # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
+            sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
+                   if settings.sar else None)
+            # the benchmark picks the parameter store: in memory, or tensor by tensor on disk (mergebench)
+            storage = benchmark.parameter_storage(adapter=adapter, checkpointer=checkpointer, device=device)
+            record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
+                                  merger=merger, protocol=config.protocol, seed=config.seed,
+                                  eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
+                                  cache=cache, reporter=reporter, sar=sar, storage=storage)
+            benchmark.finish_run(stream, record)
+    except Diverged as exc:
+        if settings.on_divergence != "record":
+            raise  # the last good checkpoint stays; no results file
+        record = diverged_record(checkpointer)
+        result = assemble(config, stream.names, adapter.model_id, record, device, setup_s=setup_s,
+                          wall_s=time.perf_counter() - t_start, diverged=exc)
+        write_json_atomic(path, result)
+        checkpointer.clear()
+        return result, path
+    finally:
+        if cache is not None:
+            cache.release()
     result = assemble(config, stream.names, adapter.model_id, record, device,
                       setup_s=setup_s, wall_s=time.perf_counter() - t_start)
     if hasattr(stream, "order_record"):  # generated orders: the explicit permutation
@@ -80,14 +153,29 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
     return result, path
 
 
+def diverged_record(checkpointer: Checkpointer) -> Dict[str, Any]:
+    """The steps finished before the divergence (the last good checkpoint's record; empty at step 1)."""
+    record: Dict[str, Any] = {"acc_matrix": [], "expert_acc": [], "sar": [], "expert_source": [],
+                              "step_timings": [], "pretrained_eval_s": None}
+    if checkpointer.exists():
+        try:
+            record.update(json.loads(checkpointer.state_path.read_text())["record"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return record
+
+
 def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any], device: str,
-             setup_s: float, wall_s: float) -> Dict[str, Any]:
+             setup_s: float, wall_s: float, diverged: Optional[Diverged] = None) -> Dict[str, Any]:
+    """The results file. A diverged run (``run.on_divergence=record``) keeps the rows it finished but
+    carries no metrics (null): a leaderboard shows it as diverged, never as a number."""
     matrix = record["acc_matrix"]
     T = len(task_names)
     steps = record["step_timings"]
+    scored = diverged is None
     timings = {
         "setup_s": setup_s,
-        "pretrained_eval_s": record["pretrained_eval_s"],
+        "pretrained_eval_s": record.get("pretrained_eval_s"),
         "fit_s": sum(s["fit_s"] for s in steps),
         "merge_s": sum(s["merge_s"] for s in steps),
         "eval_s": sum(s["eval_s"] for s in steps),
@@ -108,12 +196,12 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "hyperparameters": config.hyperparameters(),
         "acc_matrix": matrix,
         "expert_acc": record["expert_acc"],
-        "acc": metrics.acc(matrix),
-        "bwt": metrics.bwt(matrix),
+        "acc": metrics.acc(matrix) if scored else None,
+        "bwt": metrics.bwt(matrix) if scored else None,
         "bwt_denominator": T - 1,
-        "fwt": metrics.fwt(matrix),
-        "normalized_acc": metrics.mean_normalized_accuracy(matrix, record["expert_acc"]),
-        "normalized_acc_per_task": metrics.normalized_accuracy(matrix, record["expert_acc"]),
+        "fwt": metrics.fwt(matrix) if scored else None,
+        "normalized_acc": metrics.mean_normalized_accuracy(matrix, record["expert_acc"]) if scored else None,
+        "normalized_acc_per_task": metrics.normalized_accuracy(matrix, record["expert_acc"]) if scored else None,
         "sar": record["sar"],
         "timings": timings,
         "peak_memory_bytes": peak_memory_bytes(device),
@@ -124,7 +212,7 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "model": model_id,
         "registered_strategy": config.strategy is not None,
         "expert_source": record["expert_source"],
-        "run_settings": config.run_params,
+        "run_settings": recorded_settings(config.run_params),
         "conventions": metrics.CONVENTIONS,
         # SAR detail: `sar` is the mean over the tasks in `sar_scope` (current task, or every seen task
         # with run.sar_store=true); `sar_current` is always the current task's value
@@ -139,7 +227,10 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         # where the states lived: "memory" or "disk" (tensor by tensor), with per-step merge passes and sizes
         "parameter_store": {"backend": record.get("parameter_store"), "per_step": record.get("store_steps"),
                             "mergeable_bytes": record.get("mergeable_bytes")},
-        "config": config.to_dict(),
+        "config": dict(config.to_dict(), run_params=recorded_settings(config.run_params)),
+        # divergence (cl_merge.divergence): false, or true with where it happened
+        "diverged": not scored,
+        "divergence": None if scored else diverged.record(),
     } | _chosen_alpha(record.get("merge_record") or [])
 
 
@@ -147,3 +238,9 @@ def _chosen_alpha(merge_records) -> Dict[str, Any]:
     """``chosen_alpha`` (one value per step) for runs whose merger chose α on validation data."""
     values = [(r or {}).get("chosen_alpha") for r in merge_records]
     return {"chosen_alpha": values} if any(v is not None for v in values) else {}
+
+
+def recorded_settings(run_params: Dict[str, Any]) -> Dict[str, Any]:
+    """run.* settings as the results file records them: without where files are stored (run.cache_dir),
+    which changes neither the run id nor a result."""
+    return {k: v for k, v in run_params.items() if k not in STORAGE_SETTINGS}

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 
 from .errors import UserError
+from .io import temp_path
 
 # safetensors dtype names <-> torch dtypes (the ones checkpoints use)
 _DTYPES = {
@@ -169,7 +170,7 @@ class TensorWriter:
                  metadata: Optional[Dict[str, str]] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._tmp = temp_path(self.path)  # swept at the next run's start if this process dies
         self._metadata = metadata or {}
         self._entries: Dict[str, dict] = {}
         self._written: set = set()
@@ -188,7 +189,7 @@ class TensorWriter:
             self._file.write(head)
             self._file.truncate(self._base + offset)
         else:
-            self._data_tmp = self.path.with_name(f".{self.path.name}.data.tmp")
+            self._data_tmp = temp_path(self.path)
             self._file = open(self._data_tmp, "wb")
             self._offset = 0
 

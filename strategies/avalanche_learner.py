@@ -37,6 +37,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from cl_merge.divergence import check_iteration
 from cl_merge.learner import FitContext, GradientLearner
 from cl_merge.params import StateDict
 from cl_merge.registry import register_learner
@@ -140,6 +141,7 @@ def _classes():
 
         def after_training_iteration(self, strategy, **kwargs):
             self.ctx.iteration = self.done
+            check_iteration(self.ctx, strategy.loss)  # non-finite loss or gradient norm: the run diverged
             self.done += 1
             if self.ctx.on_iteration is not None:
                 self.ctx.on_iteration(self.done, float(strategy.loss.detach()))

@@ -28,3 +28,8 @@ def kill_merges_at(monkeypatch, merger_cls, at_step):
 
     monkeypatch.setattr(merger_cls, "plan", dies)
     return lambda: monkeypatch.setattr(merger_cls, "plan", original)
+
+
+# The smallest end-to-end run (2 tasks, 2 training steps): for the trust tests, which run many cases.
+TINY = ["benchmark.num_tasks=2", "benchmark.n_train=64", "benchmark.n_val=32", "benchmark.n_test=48",
+        "learner.steps=2"]

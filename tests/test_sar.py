@@ -163,7 +163,8 @@ def test_meter_with_storage_matches_the_oracle_over_seen_tasks(tmp_path, protoco
         if t > 1 and abs(buggy_step(task_deltas, dm) - got["sar"]) > 0.05:
             discriminated = True
     assert discriminated, "the synthetic stream should separate the right basis from an overwritten one"
-    stored = load_tensors(tmp_path / "store" / "task-1.safetensors")
+    # written tensor by tensor (the streaming writer, which records no content hash yet)
+    stored = load_tensors(tmp_path / "store" / "task-1.safetensors", verify=False)
     assert set(stored) == {"w1", "w2"} and all(v.dtype == torch.bfloat16 for v in stored.values())
 
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cl_merge.benchmark import Benchmark
+from cl_merge.components import PositiveInt
 from cl_merge.errors import UserError
 from cl_merge.models.clip import ClipClassifier
 from cl_merge.registry import register_benchmark
@@ -45,9 +46,9 @@ class MiniBenchmark(Benchmark):
     train_defaults = {"steps": 100, "batch_size": 32, "lr": 3e-4}
     default_order = 1
 
-    n_train: int = 512
-    n_val: int = 128
-    n_test: int = 256
+    n_train: PositiveInt = 512
+    n_val: PositiveInt = 128
+    n_test: PositiveInt = 256
     data_seed: int = 0
 
     def orders(self) -> List[Any]:

@@ -74,14 +74,7 @@ class ClipClassifier(ModelAdapter):
         if task.name in self._heads:
             return self._heads[task.name]
         path = self.head_cache_dir / f"{task.name}-{self._head_key(task)}.safetensors" if self.head_cache_dir else None
-        weights = None
-        if path is not None and path.exists():
-            from safetensors.torch import load_file
-
-            try:
-                weights = load_file(str(path))["head"]
-            except Exception:  # an unreadable cache entry is rebuilt, never trusted
-                weights = None
+        weights = self._cached_head(path, task) if path is not None and path.exists() else None
         if weights is None:
             from open_clip import build_zero_shot_classifier
 
@@ -96,6 +89,29 @@ class ClipClassifier(ModelAdapter):
                 save_tensors_atomic(path, {"head": weights})
         self._heads[task.name] = weights.to(self._device)
         return self._heads[task.name]
+
+    def _cached_head(self, path: Path, task: Task) -> Optional[torch.Tensor]:
+        """The head stored at ``path`` if its content hash, shape and dtype are what this model builds;
+        otherwise None (after one warning line): it is rebuilt, never trusted."""
+        from ..io import DamagedFile, load_tensors, warn
+
+        try:
+            weights = load_tensors(path).get("head")
+            why = None if weights is not None else "no 'head' tensor"
+        except DamagedFile as exc:
+            weights, why = None, exc.reason
+        except FileNotFoundError:
+            return None
+        if weights is not None:
+            dim = getattr(self.model.visual, "output_dim", None)
+            dtype = next(self.model.parameters()).dtype
+            shape = (task.classes, dim if dim is not None else weights.shape[-1])
+            if tuple(weights.shape) != shape or weights.dtype != dtype:
+                why = f"shape {tuple(weights.shape)} {weights.dtype}, the model needs {shape} {dtype}"
+        if why is not None:
+            warn(f"cached head {path} cannot be used ({why}); rebuilding it")
+            return None
+        return weights
 
     # ---- training and evaluation ------------------------------------------------------------
     def logits(self, images: torch.Tensor, task: Task) -> torch.Tensor:
