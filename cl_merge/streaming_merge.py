@@ -216,7 +216,7 @@ def _ties(merger, s: MergeStep) -> int:
 # ---- OPCM ---------------------------------------------------------------------------------------------
 
 def _opcm(merger, s: MergeStep) -> int:
-    from cl_merge.strategies.opcm import project_task_vector
+    from cl_merge.strategies.opcm import merged_tensor
 
     merger.reset(None)
     if s.state is not None and "::lambda" in s.state:
@@ -243,9 +243,7 @@ def _opcm(merger, s: MergeStep) -> int:
             tau = s.tau(n)
             tau_sq += float(tau.double().pow(2).sum())
             prev_delta = s.previous[n].float() - b.float()
-            t_n = tau.float()
-            projected = project_task_vector(prev_delta, t_n, merger.alpha) if is_matrix(b) else t_n
-            merged = lam_prev * prev_delta + projected
+            merged = merged_tensor(n, prev_delta, tau.float(), lam_prev, merger.alpha, merger.rules)
             s_sq += float(merged.double().pow(2).sum())
             spool.add(n, merged.to("cpu"))
     merger._norm_sum += tau_sq ** 0.5

@@ -9,10 +9,30 @@
             λ_t = ‖S_t‖ / mean_{i≤t} ‖τ_i‖          (norms over all merged parameters together)
             deployed_t = θ0 + S_t / λ_t
 
-"2-D" is every matrix parameter of the merged tower (``params.is_matrix``), so for open_clip's visual
-tower that includes ``attn.in_proj_weight``, ``proj`` and ``positional_embedding``; FusionBench only
-projects ``nn.Linear`` weights and skips parameters held directly by non-leaf modules. conv1 (4-D) is
-summed like a bias.
+Rule table (``cl_merge.tensor_kinds`` decides each tensor's kind):
+
+===============  ========================================  =====================  =========================
+kind             open_clip image tower                     ``preset="default"``   ``"fusionbench"``
+===============  ========================================  =====================  =========================
+qkv              ``attn.in_proj_weight`` (3d × d)           projected per q, k, v  projected per q, k, v
+matrix           ``out_proj``, ``c_fc``, ``c_proj``,        projected              projected
+                 ``proj``
+positional       ``positional_embedding``                   τ̃ = τ (summed)         τ̃ = τ (summed)
+conv             ``conv1.weight``                           τ̃ = τ                  τ̃ = τ
+embedding        ``class_embedding``                        τ̃ = τ                  frozen: S_t = M_{t−1}
+bias, norm       ``*.bias``, ``in_proj_bias``, ``ln_*``     τ̃ = τ                  τ̃ = τ
+===============  ========================================  =====================  =========================
+
+``"fusionbench"`` is FusionBench's ``OPCMForCLIP`` on a Hugging Face ``CLIPVisionModel`` (as
+converted by ``benchmarks/vision20/convert_hf_clip.py``): it projects the weights of ``nn.Linear``
+leaf modules (q, k, v, out_proj, fc1, fc2; the visual projection of ``…WithProjection``), merges
+the parameters of every other leaf module (Conv2d patch embedding, Embedding position table,
+LayerNorms, biases) as τ̃ = τ, and never visits parameters held by a non-leaf module: the class
+embedding keeps the first expert's value, only rescaled by 1/λ_t with everything else (so
+S_t = M_{t−1} there, and M_{t−1} — not λ_{t−1} M_{t−1} — enters ‖S_t‖). ``"default"`` differs in
+that one row only (the class token is merged like a bias: a parameter is not skipped for where
+it is stored). ``qkv="stacked"`` projects open_clip's 3d × d matrix in one piece (neither
+reference does).
 
 Rank split: r is a 0-based index, exactly FusionBench's ``(cumsum/sum > α).argmax()``: the block covers
 the r leading components whose cumulative share is ≤ α, the crossing component stays outside it (its
@@ -55,13 +75,34 @@ State: λ_{t−1}, the running sum of task-vector norms and their count (three s
 from __future__ import annotations
 
 import dataclasses
+from typing import Dict, Literal, Optional
 
 import torch
 
 from cl_merge.merger import Merger
-from cl_merge.params import clone, global_norm, is_matrix, sub
+from cl_merge.params import clone, global_norm, sub
 from cl_merge.registry import register_merger
 from cl_merge.strategies.isotropic import _EPS32, FAST_PATH_BOUND, null_tolerance
+from cl_merge.tensor_kinds import Kind, RuleTable, map_blocks, rule_for
+
+#: rule tables (module doc). Rules: "project", "project_blocks" (each of q, k, v), "sum" (τ̃ = τ),
+#: "frozen" (not merged, only rescaled: FusionBench's non-leaf parameters)
+PRESETS: Dict[str, Dict[Kind, str]] = {
+    "default": {Kind.QKV: "project_blocks", Kind.MATRIX: "project", Kind.POSITIONAL: "sum",
+                Kind.CONV: "sum", Kind.EMBEDDING: "sum", Kind.NORM: "sum", Kind.BIAS: "sum", Kind.OTHER: "sum"},
+    "fusionbench": {Kind.QKV: "project_blocks", Kind.MATRIX: "project", Kind.POSITIONAL: "sum",
+                    Kind.CONV: "sum", Kind.EMBEDDING: "frozen", Kind.NORM: "sum", Kind.BIAS: "sum",
+                    Kind.OTHER: "sum"},
+}
+
+
+def rule_table(preset: str = "default", qkv: Optional[str] = None) -> Dict[Kind, str]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown opcm preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    table = dict(PRESETS[preset])
+    if qkv is not None:
+        table[Kind.QKV] = {"split": "project_blocks", "stacked": "project"}[qkv]
+    return table
 
 #: singular directions of M_{t−1} with σ_i ≤ NULL_RTOL·σ_max are null (module doc)
 NULL_RTOL = null_tolerance(torch.float32)
@@ -110,12 +151,36 @@ def project_task_vector(prev_delta: torch.Tensor, tau: torch.Tensor, alpha: floa
     return out.to(tau.dtype).contiguous()
 
 
+def merged_tensor(name: str, prev_delta: torch.Tensor, tau: torch.Tensor, lam_prev: float, alpha: float,
+                  table: RuleTable) -> torch.Tensor:
+    """S_t of one tensor (float32 inputs): λ_{t−1} M_{t−1} + τ̃ under the tensor's rule."""
+    rule = rule_for(name, prev_delta, table)
+    if rule == "frozen":
+        return prev_delta.clone()
+    if rule == "project":
+        projected = project_task_vector(prev_delta, tau, alpha)
+    elif rule == "project_blocks":
+        projected = map_blocks(lambda m, t: project_task_vector(m, t, alpha), prev_delta, tau)
+    elif rule == "sum":
+        projected = tau
+    else:
+        raise ValueError(f"unknown opcm rule {rule!r}")
+    return lam_prev * prev_delta + projected
+
+
 @register_merger
 @dataclasses.dataclass
 class OPCMMerger(Merger):
+    """OPCM (module doc); ``preset`` and ``qkv`` choose the rule table."""
+
     name = "opcm"
     description = "orthogonal-projection continual merging with norm rescaling (α = 0.5 rank split)"
     alpha: float = 0.5
+    preset: Literal["default", "fusionbench"] = "default"
+    qkv: Optional[Literal["split", "stacked"]] = None
+
+    def __post_init__(self):
+        self.rules = rule_table(self.preset, self.qkv)
 
     def reset(self, base):
         self._lambda = 1.0
@@ -133,9 +198,7 @@ class OPCMMerger(Merger):
         merged = {}
         for n, b in base.items():
             prev_delta = previous[n].float() - b.float()
-            t_n = tau[n].float()
-            projected = project_task_vector(prev_delta, t_n, self.alpha) if is_matrix(b) else t_n
-            merged[n] = self._lambda * prev_delta + projected
+            merged[n] = merged_tensor(n, prev_delta, tau[n].float(), self._lambda, self.alpha, self.rules)
         merged_norm = global_norm(merged)
         # S_t = 0 only when every task vector so far is 0; any λ then deploys θ0
         lam = merged_norm / mean_norm if merged_norm > 0 else 1.0
