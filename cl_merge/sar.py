@@ -8,8 +8,11 @@ crossing component included. Since U_k is orthonormal, ‖Π_k Δ‖_F = ‖U_k�
 
 Conventions:
 
-- Only 2-D parameters are matrices here (``params.is_matrix``): the SVD-based mergers' definition.
-  conv1 (4-D), biases, norms and other 1-D tensors do not enter SAR.
+- Layers (``RULES``, kinds from ``cl_merge.tensor_kinds``): every 2-D weight matrix and the 2-D
+  positional embedding is one layer; open_clip's stacked ``attn.in_proj_weight`` is three layers
+  (q, k, v; keys ``name[q]``, ``name[k]``, ``name[v]``), as the d × d matrices of HF CLIP that the
+  reference code scores (``qkv="stacked"`` scores it as one 3d × d matrix). conv1 (4-D), biases,
+  norms and the class token do not enter SAR.
 - Δ_task is the task's own update, expert − start (= expert − θ0 under the independent protocol).
 - A layer is skipped for a task when its Δ_task is exactly zero (no update to align: e.g. a layer
   a sparse learner never touched) and for every task when its Δ_merged is zero (no subspace) or a
@@ -36,9 +39,31 @@ import torch
 
 from .errors import UserError
 from .io import load_tensors, save_tensors_atomic
-from .params import StateDict, is_matrix
+from .params import StateDict
+from .tensor_kinds import Kind, RuleTable, rule_for, split_qkv
 
 DEFAULT_ENERGY = 0.95
+#: which tensors are SAR layers: "matrix" (one layer), "blocks" (q, k, v: three layers), "skip"
+RULES: Dict[Kind, str] = {Kind.QKV: "blocks", Kind.MATRIX: "matrix", Kind.POSITIONAL: "matrix",
+                          Kind.CONV: "skip", Kind.EMBEDDING: "skip", Kind.NORM: "skip", Kind.BIAS: "skip",
+                          Kind.OTHER: "skip"}
+STACKED_RULES: Dict[Kind, str] = {**RULES, Kind.QKV: "matrix"}
+
+
+def rule_table(qkv: str = "split") -> Dict[Kind, str]:
+    if qkv not in ("split", "stacked"):
+        raise ValueError(f"qkv must be split or stacked; got {qkv!r}")
+    return dict(RULES if qkv == "split" else STACKED_RULES)
+
+
+def sar_layers(name: str, tensor: torch.Tensor, table: RuleTable = RULES) -> List[tuple]:
+    """(layer key, 2-D tensor) pairs that ``tensor`` contributes to SAR (module doc)."""
+    rule = rule_for(name, tensor, table)
+    if rule == "matrix":
+        return [(name, tensor)]
+    if rule == "blocks":
+        return [(f"{name}[{p}]", b) for p, b in zip("qkv", split_qkv(tensor))]
+    return []
 STORE_DTYPE = torch.bfloat16
 # CPU work on matrices below this many elements runs on one intra-op thread: there, thread start-up and
 # synchronisation cost more than they save (measured on 2 busy shared cores: a 384x96 SVD took 1.1 s
@@ -108,22 +133,29 @@ class MergedBasis:
 
     Built once per step; ``score`` then evaluates any number of tasks against the same bases."""
 
-    def __init__(self, delta_merged: StateDict, energy: float = DEFAULT_ENERGY):
+    def __init__(self, delta_merged: StateDict, energy: float = DEFAULT_ENERGY, table: RuleTable = RULES):
         self.energy = energy
-        self.bases: Dict[str, Optional[torch.Tensor]] = {
-            name: top_basis(d, energy) for name, d in delta_merged.items() if is_matrix(d)}
+        self.table = table
+        self.bases: Dict[str, Optional[torch.Tensor]] = {}
+        self._where: Dict[str, tuple] = {}  # layer key -> (parameter name, block index)
+        for name, d in delta_merged.items():
+            for i, (key, block) in enumerate(sar_layers(name, d, table)):
+                self.bases[key] = top_basis(block, energy)
+                self._where[key] = (name, i)
         self.ranks: Dict[str, int] = {k: (0 if b is None else b.shape[1]) for k, b in self.bases.items()}
 
     @classmethod
-    def from_states(cls, deployed: StateDict, theta0: StateDict, energy: float = DEFAULT_ENERGY) -> "MergedBasis":
-        return cls({k: deployed[k] - theta0[k] for k in deployed if is_matrix(deployed[k])}, energy)
+    def from_states(cls, deployed: StateDict, theta0: StateDict, energy: float = DEFAULT_ENERGY,
+                    table: RuleTable = RULES) -> "MergedBasis":
+        return cls({k: deployed[k] - theta0[k] for k in deployed if sar_layers(k, deployed[k], table)}, energy, table)
 
     def score(self, delta_task: StateDict) -> TaskSAR:
         values: List[float] = []
         skipped = 0
-        for name, basis in self.bases.items():
+        for key, basis in self.bases.items():
+            name, i = self._where[key]
             d = delta_task.get(name)
-            v = None if (basis is None or d is None) else layer_sar(d, basis)
+            v = None if (basis is None or d is None) else layer_sar(sar_layers(name, d, self.table)[i][1], basis)
             if v is None:
                 skipped += 1
             else:
@@ -136,9 +168,9 @@ def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
     return sum(kept) / len(kept) if kept else None
 
 
-def task_update(expert: StateDict, start: StateDict) -> StateDict:
-    """Δ_task = expert − start on the 2-D parameters (the only ones SAR reads)."""
-    return {k: expert[k] - start[k] for k in expert if is_matrix(expert[k])}
+def task_update(expert: StateDict, start: StateDict, table: RuleTable = RULES) -> StateDict:
+    """Δ_task = expert − start on the parameters that hold SAR layers (the only ones SAR reads)."""
+    return {k: expert[k] - start[k] for k in expert if sar_layers(k, expert[k], table)}
 
 
 class SARMeter:
@@ -150,9 +182,10 @@ class SARMeter:
     The store lives inside the run's checkpoint directory, so a resumed run finds the earlier
     tasks' updates and the directory disappears with the checkpoint once the results exist."""
 
-    def __init__(self, energy: float = DEFAULT_ENERGY, store_dir: Optional[Path] = None):
+    def __init__(self, energy: float = DEFAULT_ENERGY, store_dir: Optional[Path] = None, qkv: str = "split"):
         self.energy = energy
         self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.table = rule_table(qkv)
 
     @property
     def scope(self) -> str:
@@ -164,10 +197,10 @@ class SARMeter:
     def step(self, step: int, theta0: StateDict, start: StateDict, expert: StateDict,
              deployed: StateDict) -> Dict[str, object]:
         """Score step ``step`` (1-based). Returns the per-step record fields."""
-        delta = task_update(expert, start)
+        delta = task_update(expert, start, self.table)
         if self.store_dir is not None:
             save_tensors_atomic(self._path(step), {k: v.to(STORE_DTYPE) for k, v in delta.items()})
-        basis = MergedBasis.from_states(deployed, theta0, self.energy)  # once per step, shared below
+        basis = MergedBasis.from_states(deployed, theta0, self.energy, self.table)  # once per step, shared below
         current = basis.score(delta)
         ranks = list(basis.ranks.values())
         out: Dict[str, object] = {"current": current.value, "skipped_layers": current.skipped,

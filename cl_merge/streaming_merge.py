@@ -158,6 +158,9 @@ def _trim(v: torch.Tensor, thr: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _ties(merger, s: MergeStep) -> int:
     keep, scope, alpha = merger.k, merger.trim_scope, merger.alpha
+    if scope == "tensor" and getattr(merger, "qkv", "stacked") == "split":
+        raise UserError("streamed ties ranks each stored tensor whole; set merger.qkv=stacked or "
+                        "merger.trim_scope=global")
     passes = 0
     if merger.variant == "seed":
         thr = _global_threshold(s, s.tau, keep) if scope == "global" else None

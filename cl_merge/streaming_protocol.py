@@ -25,7 +25,6 @@ import torch
 from .checkpoint import Checkpointer, load_optional
 from .errors import UserError
 from .merger import Merger
-from .params import is_matrix
 from .progress import Reporter
 from .protocol import evaluate_row as protocol_row
 from .sar import layer_sar, top_basis
@@ -182,18 +181,23 @@ def _set_phase(stream, phase: str, task: str) -> None:
 
 
 def _streamed_sar(names, base, deployed, expert, energy):
+    from .sar import sar_layers
+
     values, skipped, ranks = [], 0, []
     for n in names:
         b = base[n]
-        if not is_matrix(b):
+        if not sar_layers(n, b):
             continue
-        basis = top_basis(deployed[n] - b, energy)
-        v = None if basis is None else layer_sar(expert[n] - b, basis)
-        if basis is not None:
-            ranks.append(basis.shape[1])
-        if v is None:
-            skipped += 1
-        else:
-            values.append(v)
+        merged_blocks = sar_layers(n, deployed[n] - b)
+        task_blocks = sar_layers(n, expert[n] - b)
+        for (_, merged), (_, task) in zip(merged_blocks, task_blocks):
+            basis = top_basis(merged, energy)
+            v = None if basis is None else layer_sar(task, basis)
+            if basis is not None:
+                ranks.append(basis.shape[1])
+            if v is None:
+                skipped += 1
+            else:
+                values.append(v)
     mean = sum(values) / len(values) if values else None
     return mean, len(values), skipped, (sum(ranks) / len(ranks) if ranks else None)

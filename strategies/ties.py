@@ -37,6 +37,12 @@ any ties at the threshold. Scope: ``trim_scope="global"`` (default) ranks all me
 task vector together, as the paper's "top-k% entries of τ_t" and the reference code (which flattens the
 whole checkpoint into one vector) do; ``"tensor"`` ranks each tensor on its own.
 
+Rule table: TIES is element-wise, so every kind of tensor (``cl_merge.tensor_kinds``: q/k/v,
+matrices, conv1, embeddings, biases, norms) takes the same rule, "trim" (``RULES``). Under the default
+global scope how q/k/v are stored makes no difference (FusionBench flattens the whole checkpoint
+too). Under ``trim_scope="tensor"`` open_clip's stacked ``in_proj_weight`` is ranked as one tensor
+by default; ``qkv="split"`` ranks q, k and v on their own, as the d × d tensors of HF CLIP would be.
+
 State: Δ_cum for the seed variant (one model-sized running sum); nothing for the FusionBench variant
 (it reads M_{t−1} from ``previous``).
 """
@@ -51,6 +57,11 @@ import torch
 from cl_merge.merger import Merger
 from cl_merge.params import StateDict, sub, zeros_like
 from cl_merge.registry import register_merger
+from cl_merge.tensor_kinds import Kind, map_blocks, rule_for
+
+#: the rule of every kind (module doc); "trim_blocks" (q, k, v ranked on their own) with qkv="split"
+RULES: Dict[Kind, str] = {k: "trim" for k in Kind}
+SPLIT_RULES: Dict[Kind, str] = {**RULES, Kind.QKV: "trim_blocks"}
 
 # Above this many entries the global threshold is found by bisection instead of one concatenated copy
 # (a 3B-parameter language model would need 12 GB for the copy).
@@ -93,8 +104,14 @@ def _threshold(tensors: List[torch.Tensor], keep: float) -> Optional[torch.Tenso
     return kth_smallest_abs(tensors, kth)
 
 
-def trim(vector: StateDict, keep: float, scope: str) -> StateDict:
-    """Trim_k: zero every entry below the top-``keep`` fraction of |x| (see the module docstring)."""
+def _trim_tensor(v: torch.Tensor, keep: float) -> torch.Tensor:
+    thr = _threshold([v], keep)
+    return v if thr is None else v * (v.abs().float() >= thr)
+
+
+def trim(vector: StateDict, keep: float, scope: str, table=RULES) -> StateDict:
+    """Trim_k: zero every entry below the top-``keep`` fraction of |x| (see the module docstring);
+    ``table`` says which tensors the tensor scope ranks block by block."""
     if scope == "global":
         thr = _threshold(list(vector.values()), keep)
         if thr is None:
@@ -102,16 +119,18 @@ def trim(vector: StateDict, keep: float, scope: str) -> StateDict:
         return {n: v * (v.abs().float() >= thr) for n, v in vector.items()}
     out = {}
     for n, v in vector.items():
-        thr = _threshold([v], keep)
-        out[n] = v if thr is None else v * (v.abs().float() >= thr)
+        if rule_for(n, v, table) == "trim_blocks":
+            out[n] = map_blocks(lambda b: _trim_tensor(b, keep), v)
+        else:
+            out[n] = _trim_tensor(v, keep)
     return out
 
 
-def ties_disjoint_sum(rows: Iterable[StateDict], keep: float, scope: str) -> StateDict:
+def ties_disjoint_sum(rows: Iterable[StateDict], keep: float, scope: str, table=RULES) -> StateDict:
     """TIES over stacked task vectors (FusionBench ``ties_merging`` with merge_func="sum"):
     trim each row, elect sign(Σ trimmed rows) per entry, entries whose sum is 0 take the majority sign
     sign(Σ elected signs) over all parameters, then sum the entries that agree with the elected sign."""
-    trimmed = [trim(r, keep, scope) for r in rows]
+    trimmed = [trim(r, keep, scope, table) for r in rows]
     names = list(trimmed[0])
     signs = {n: torch.sign(sum(r[n] for r in trimmed)) for n in names}
     majority = torch.sign(sum(s.sum(dtype=torch.float64) for s in signs.values()))
@@ -139,8 +158,10 @@ class TiesMerger(Merger):
     k: float = 0.2  # fraction of entries kept by the trim (the papers' "top-20%")
     alpha: Optional[float] = None  # None: the variant's default (seed 0.3, fusionbench 0.5)
     trim_scope: Literal["global", "tensor"] = "global"
+    qkv: Literal["stacked", "split"] = "stacked"  # tensor scope only (module doc)
 
     def __post_init__(self):
+        self.rules = SPLIT_RULES if self.qkv == "split" else RULES
         if not 0.0 < self.k <= 1.0:
             raise ValueError(f"k is the kept fraction, in (0, 1]; got {self.k}")
         if self.alpha is None:
@@ -152,13 +173,13 @@ class TiesMerger(Merger):
     def merge(self, base, previous, expert, start, step):
         tau = sub(expert, start)
         if self.variant == "seed":
-            for n, v in trim(tau, self.k, self.trim_scope).items():
+            for n, v in trim(tau, self.k, self.trim_scope, self.rules).items():
                 self._sum[n] += v
             return {n: base[n] + self.alpha * self._sum[n] for n in base}
         if step == 1:
             update = tau
         else:
-            update = ties_disjoint_sum([sub(previous, base), tau], self.k, self.trim_scope)
+            update = ties_disjoint_sum([sub(previous, base), tau], self.k, self.trim_scope, self.rules)
         return {n: previous[n] + self.alpha * update[n] for n in previous}
 
     def state_dict(self):
