@@ -139,9 +139,15 @@ def _summary(result, path) -> None:
     out.print(f"results: {path}")
 
 
+SAR_SCOPE_LABELS = {"seen_tasks": "seen tasks", "current_task": "current task"}
+
+
 def _sar(result) -> str:
     sar = (result.get("sar") or [None])[-1]
-    return "–" if sar is None else f"{sar:.3f}"
+    if sar is None:
+        return "–"
+    scope = result.get("sar_scope")
+    return f"{sar:.3f} ({SAR_SCOPE_LABELS.get(scope, scope or 'scope not recorded')})"
 
 
 def cmd_list(_args) -> int:

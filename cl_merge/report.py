@@ -11,7 +11,8 @@ from rich.table import Table
 COLUMNS = [
     ("strategy", "strategy"), ("protocol", "protocol"), ("benchmark", "benchmark"), ("T", "T"),
     ("order", "order"), ("seed", "seed"), ("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"),
-    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("wall s", "wall_s"),
+    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("SAR scope", "sar_scope"),
+    ("wall s", "wall_s"),
 ]
 _PERCENT = {"acc", "bwt", "fwt", "normalized_acc"}
 
@@ -24,6 +25,7 @@ def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "T": len(r["tasks"]), "order": r["order"], "seed": r["seed"], "acc": r["acc"], "bwt": r["bwt"],
             "fwt": r["fwt"], "normalized_acc": r["normalized_acc"],
             "sar": (r.get("sar") or [None])[-1],  # after the final step
+            "sar_scope": r.get("sar_scope"),  # seen_tasks (mean over seen tasks) or current_task
             "wall_s": (r.get("timings") or {}).get("wall_s"),
         })
     return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"])))
@@ -56,7 +58,8 @@ def markdown(table_rows: List[Dict[str, Any]]) -> str:
     for row in table_rows:
         lines.append("| " + " | ".join(fmt(k, row[k]) for _, k in COLUMNS) + " |")
     return "\n".join(lines) + ("\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %; SAR (subspace alignment "
-                                "ratio) after the final step, in [0, 1].\n")
+                                "ratio) after the final step, in [0, 1]: seen_tasks = mean over every task seen so far (the "
+                                "paper's scope), current_task = the last task's own update only.\n")
 
 
 def csv_text(table_rows: List[Dict[str, Any]]) -> str:

@@ -96,7 +96,7 @@ def run_streaming_protocol(*, stream: Stream, adapter, learner, merger: Merger, 
                   "pretrained_eval_s": time.perf_counter() - t0, "stream_files": {}, "streaming": []}
     for key in ("sar_current", "sar_per_task", "sar_skipped_layers", "sar_rank_mean"):
         record.setdefault(key, [])
-    record["sar_scope"] = "current" if sar else None
+    record["sar_scope"] = "current_task" if sar else None
 
     previous_path = Path(record["stream_files"]["deployed"]) if done else None
     state_path = Path(record["stream_files"]["state"]) if done else None
