@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -72,6 +72,7 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
                                   merger=merger, protocol=config.protocol, seed=config.seed,
                                   eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
                                   cache=cache, reporter=reporter, sar=sar)
+            record["val_acc"] = final_validation(adapter, stream.tasks, record["deployed"])
     result = assemble(config, stream.names, adapter.model_id, record, device,
                       setup_s=setup_s, wall_s=time.perf_counter() - t_start)
     if hasattr(stream, "order_record"):  # generated orders: the explicit permutation
@@ -81,6 +82,17 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
     write_json_atomic(path, result)
     checkpointer.clear()  # the results file is the durable output; the resume point is spent
     return result, path
+
+
+def final_validation(adapter, tasks, deployed) -> List[Optional[float]]:
+    """The final deployed model's accuracy on each task's validation split (null where a task has
+    none): what a per-run hyperparameter search selects on, so that the test split is never read."""
+    adapter.set_state(deployed)
+    out: List[Optional[float]] = []
+    for task in tasks:
+        val = getattr(task, "val", None)
+        out.append(None if val is None or len(val) == 0 else adapter.evaluate(task, "val"))
+    return out
 
 
 def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any], device: str,
@@ -137,5 +149,7 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "sar_per_task": record.get("sar_per_task"),
         "sar_skipped_layers": record.get("sar_skipped_layers"),
         "sar_rank_mean": record.get("sar_rank_mean"),
+        # final row on the validation splits (selection data for sweeps; never the test split)
+        "val_acc": record.get("val_acc"),
         "config": config.to_dict(),
     } | ({"chosen_alpha": record["chosen_alpha"]} if "chosen_alpha" in record else {})  # merger.alpha_grid
