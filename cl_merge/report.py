@@ -11,10 +11,18 @@ from rich.table import Table
 COLUMNS = [
     ("strategy", "strategy"), ("protocol", "protocol"), ("benchmark", "benchmark"), ("T", "T"),
     ("order", "order"), ("seed", "seed"), ("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"),
-    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("SAR scope", "sar_scope"),
-    ("wall s", "wall_s"),
+    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("wall s", "wall_s"),
 ]
 _PERCENT = {"acc", "bwt", "fwt", "normalized_acc"}
+SCOPE_TEXT = {"seen_tasks": "mean over the seen tasks", "current_task": "current task only"}
+
+
+def scope_note(table_rows: List[Dict[str, Any]]) -> str:
+    """The SAR scope(s) of the rows, in words (every table names the scope it shows)."""
+    scopes = sorted({str(r.get("sar_scope")) for r in table_rows if r.get("sar") is not None})
+    if not scopes:
+        return "SAR not recorded"
+    return "SAR: " + "; ".join(SCOPE_TEXT.get(s, s) for s in scopes) + (" (mixed scopes)" if len(scopes) > 1 else "")
 
 
 def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -44,7 +52,7 @@ def fmt(key: str, value: Any) -> str:
 
 
 def rich_table(table_rows: List[Dict[str, Any]], title: str = "cl_merge results (ACC/BWT/FWT in %)") -> Table:
-    table = Table(title=title)
+    table = Table(title=f"{title}; {scope_note(table_rows)}")
     for header, key in COLUMNS:
         table.add_column(header, justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed", "sar"} else "left")
     for row in table_rows:
@@ -58,13 +66,12 @@ def markdown(table_rows: List[Dict[str, Any]]) -> str:
     for row in table_rows:
         lines.append("| " + " | ".join(fmt(k, row[k]) for _, k in COLUMNS) + " |")
     return "\n".join(lines) + ("\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %; SAR (subspace alignment "
-                                "ratio) after the final step, in [0, 1]: seen_tasks = mean over every task seen so far (the "
-                                "paper's scope), current_task = the last task's own update only.\n")
+                                "ratio) after the final step, in [0, 1]; " + scope_note(table_rows) + ".\n")
 
 
 def csv_text(table_rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS])
+    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS] + ["sar_scope"])
     writer.writeheader()
     for row in table_rows:
         writer.writerow(row)
