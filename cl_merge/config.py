@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from .components import Component
 from .errors import UserError
@@ -31,6 +31,7 @@ class RunSettings(Component):
     # checkpoint) and SAR averages over all of them; false scores the current task only (no store)
     sar_store: bool = True
     sar_energy: float = 0.95  # retained energy that picks the merged update's rank k
+    sar_qkv: Literal["split", "stacked"] = "split"  # open_clip's in_proj_weight: three d × d layers, or one
 
     def __post_init__(self):
         if not 0.0 < self.sar_energy <= 1.0:

@@ -60,8 +60,8 @@ def execute(config: RunConfig, out_dir: Path = DEFAULT_OUT, resume: bool = False
         checkpointer = Checkpointer(out_dir / f"{config.run_id()}.ckpt", config.fingerprint())
         cache = ExpertCache(cache_dir / "experts") if settings.expert_cache else None
         # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
-        sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
-               if settings.sar else None)
+        sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None,
+                        qkv=settings.sar_qkv) if settings.sar else None)
         if getattr(benchmark, "streaming", False):
             # states on disk, merged layer by layer (cl_merge.streaming_protocol; e.g. mergebench)
             record = benchmark.run_stream(stream=stream, adapter=adapter, learner=learner, merger=merger,
