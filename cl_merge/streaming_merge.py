@@ -36,7 +36,6 @@ import torch
 
 from .errors import UserError
 from .merger import Merger
-from .params import is_matrix
 from .streaming import LiveTensors, TensorSource, TensorWriter, streamed_kth_smallest_abs
 
 TENSORWISE = {"task_arithmetic", "magmax", "swa", "identity", "isotropic"}
