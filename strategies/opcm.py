@@ -32,7 +32,9 @@ embedding keeps the first expert's value, only rescaled by 1/λ_t with everythin
 S_t = M_{t−1} there, and M_{t−1} — not λ_{t−1} M_{t−1} — enters ‖S_t‖). ``"default"`` differs in
 that one row only (the class token is merged like a bias: a parameter is not skipped for where
 it is stored). ``qkv="stacked"`` projects open_clip's 3d × d matrix in one piece (neither
-reference does).
+reference does). Measured on mini (order 1, seed 0, ACC / BWT in %): default 68.9 / −5.3,
+``"fusionbench"`` 68.8 / −5.4, ``qkv="stacked"`` 69.0 / −6.2 (the earlier rule, which also projected
+the positional embedding: 69.0 / −6.2).
 
 Rank split: r is a 0-based index, exactly FusionBench's ``(cumsum/sum > α).argmax()``: the block covers
 the r leading components whose cumulative share is ≤ α, the crossing component stays outside it (its
