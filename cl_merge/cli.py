@@ -157,9 +157,15 @@ def _summary(result, path) -> None:
     out.print(f"results: {path}")
 
 
+SAR_SCOPE_LABELS = {"seen_tasks": "seen tasks", "current_task": "current task"}
+
+
 def _sar(result) -> str:
     sar = (result.get("sar") or [None])[-1]
-    return "–" if sar is None else f"{sar:.3f}"
+    if sar is None:
+        return "–"
+    scope = result.get("sar_scope")
+    return f"{sar:.3f} ({SAR_SCOPE_LABELS.get(scope, scope or 'scope not recorded')})"
 
 
 def cmd_list(_args) -> int:
@@ -296,11 +302,25 @@ def cmd_leaderboard(args) -> int:
         out.print(f"[yellow]{len(missing)} of {len(configs)} runs have no results yet[/] (e.g. "
                   f"{missing[0].run_id()}); rerun without --report-only to complete the grid")
     rows = lb.aggregate(results, reference)
-    out.print(lb.rich_table(rows, grid.title))
+    text = None
+    if grid.select:  # per strategy, the swept setting with the best validation accuracy; defaults beside it
+        chosen, choices = lb.select_by_validation(results)
+        defaults = lb.aggregate([r for r in results if r.get("run_id") in grid.default_run_ids], reference)
+        rows = lb.aggregate(chosen, reference)
+        lb.mark_tuned(rows, choices)
+        base_title = grid.title or f"leaderboard: {grid.benchmark}"
+        out.print(lb.rich_table(defaults, f"{base_title} — defaults"))
+        text = (lb.markdown(rows, f"{base_title} — tuned on validation ({grid.select}, test split never read "
+                                  "for the choice)", reference)
+                + "\n" + lb.markdown(defaults, f"{base_title} — defaults", reference))
+        grid_title = f"{base_title} — tuned on validation ({grid.select})"
+    else:
+        grid_title = grid.title
+    out.print(lb.rich_table(rows, grid_title))
     for note in lb.footnotes(rows) + (lb.reference_notes(rows, reference) if reference else []):
         out.print(f"  {note}", highlight=False)
     if markdown_path:
-        write_text_atomic(markdown_path, lb.markdown(rows, grid.title, reference))
+        write_text_atomic(markdown_path, text if text is not None else lb.markdown(rows, grid.title, reference))
         out.print(f"markdown: {markdown_path}")
     if csv_path:
         write_text_atomic(csv_path, lb.csv_text(rows))

@@ -27,8 +27,11 @@ class RunSettings(Component):
     expert_cache: bool = True  # reuse independent-protocol experts across strategies
     cache_dir: Optional[str] = None  # default: <out>/.cache
     sar: bool = True  # record the subspace alignment ratio per step (one SVD per 2-D layer per step)
-    sar_store: bool = False  # keep each task's update on disk (bf16) so SAR averages over all seen tasks
+    # the paper's SAR scope (Fig. 6): every seen task's update is kept on disk (bf16, inside the run's
+    # checkpoint) and SAR averages over all of them; false scores the current task only (no store)
+    sar_store: bool = True
     sar_energy: OpenUnitInterval = 0.95  # retained energy that picks the merged update's rank k
+    sar_qkv: Literal["split", "stacked"] = "split"  # open_clip's in_proj_weight: three d × d layers, or one
     # a non-finite loss, gradient norm or weight: stop (exit 3, no results file) or record the run as diverged
     on_divergence: Literal["stop", "record"] = "stop"
 

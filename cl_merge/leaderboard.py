@@ -14,6 +14,12 @@ The grid is a TOML file (paths are relative to the file)::
     csv = "mini/leaderboard.csv"
     title = "mini suite"
 
+    [sweep]                         # optional: one run per value (product over keys) of each entry
+    "merger.alpha" = {times_default = [0.5, 0.75, 1.0, 1.25, 1.5]}   # relative to each entry's default
+    # "learner.lr" = [1e-4, 3e-4]  # or absolute values; entries that lack a key are not swept on it
+    select = "val_acc"              # optional: per strategy, keep the swept setting with the best mean
+                                    # final-row validation accuracy and report its test figures
+
     [ray]                           # only for `--engine ray` (cl_merge.ray_engine); all optional
     num_cpus = 1                    # CPUs per run (and per shared-expert training)
     num_gpus = 0.25                 # GPUs per run; fractions pack several runs on one device
@@ -24,6 +30,20 @@ The grid is a TOML file (paths are relative to the file)::
     merger = "swa"
     protocol = "sequential"
     overrides = ["learner.lr=3e-4"]
+    sweep = {"merger.alpha" = [0.2, 0.3]}   # this entry's own axis (wins over the top-level one)
+
+Selection on validation data (``select = "val_acc"``; SAIM Eq. 12's "validation set search", done
+per run, not per step). Every run records ``val_acc``: the final deployed model's accuracy on each
+task's validation split. ``select_by_validation`` groups runs by (benchmark, model, strategy,
+protocol, T), scores each swept setting by the mean over its runs (orders × seeds) of the mean over
+tasks of ``val_acc``, and keeps the best one (ties: the first in sorted order); it reads nothing
+else from a result, so the test split never enters the choice. The report then shows the selected
+setting's test ACC/BWT (row marked "tuned on val: KEY=VALUE") beside the table at the entries' own
+default values (every swept entry also runs at its defaults). With ``times_default`` every merging
+strategy's main coefficient is tuned on the same relative grid. Why not ``merger.alpha_grid`` (α per
+step on the current task's validation split)? It favours the task just added (measured on mini:
+α = 1.0 at 6–7 of 9 steps, BWT −18.8) and compounds through Δ_cum; it stays an option of the
+isotropic merger.
 
 ``load_grid`` reads and checks the file, ``expand`` turns it into resolved ``RunConfig`` objects
 (every name and override is checked before anything runs), ``run_grid`` executes the missing ones
@@ -66,10 +86,11 @@ REFERENCE_ALIASES = {"magmax-ind": "magmax", "magmax_ind": "magmax", "c-magmax":
                      "ties": "c-ties", "c_ties": "c-ties", "c_ta": "c-ta", "c_ft": "c-ft"}
 
 _TOP_KEYS = {"benchmark", "strategies", "runs", "orders", "seeds", "num_tasks", "overrides", "out",
-             "markdown", "csv", "title", "ray"}
+             "markdown", "csv", "title", "ray", "sweep", "select"}
+SELECTIONS = ("val_acc",)
 # [ray] table: resources per run and retries after worker death (the local runner ignores it)
 RAY_DEFAULTS = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3}
-_RUN_KEYS = {"strategy", "learner", "merger", "protocol", "overrides"}
+_RUN_KEYS = {"strategy", "learner", "merger", "protocol", "overrides", "sweep"}
 
 
 # ---- the grid ------------------------------------------------------------------------------------
@@ -80,6 +101,7 @@ class GridEntry:
     merger: Optional[str] = None
     protocol: Optional[str] = None
     overrides: List[str] = dataclasses.field(default_factory=list)
+    sweep: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -96,6 +118,30 @@ class Grid:
     title: Optional[str] = None
     source: Optional[Path] = None
     ray: Dict[str, Any] = dataclasses.field(default_factory=lambda: dict(RAY_DEFAULTS))
+    sweep: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    select: Optional[str] = None
+    default_run_ids: set = dataclasses.field(default_factory=set)  # filled by ``expand``
+
+
+def _sweep_table(value: Any, where: str) -> Dict[str, Any]:
+    """{key: [values]} or {key: {"times_default": [factors]}}, checked."""
+    example = 'e.g. [sweep] "merger.alpha" = [0.5, 1.0] or {times_default = [0.5, 1.0, 1.5]}'
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: 'sweep' must be a table, {example}")
+    out = {}
+    for key, axis in value.items():
+        if "." not in key:
+            raise UserError(f"{where}: sweep key '{key}' must be SECTION.NAME (learner., merger., benchmark., run.)")
+        values = axis.get("times_default") if isinstance(axis, dict) else axis
+        if isinstance(axis, dict) and set(axis) != {"times_default"}:
+            raise UserError(f"{where}: sweep '{key}' takes a list of values or {{times_default = [...]}}")
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in values):
+            raise UserError(f"{where}: sweep '{key}' needs a non-empty list of values, {example}")
+        if isinstance(axis, dict) and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise UserError(f"{where}: sweep '{key}' times_default takes numbers")
+        out[key] = {"times_default": list(values)} if isinstance(axis, dict) else list(values)
+    return out
 
 
 def _where(source: Optional[Path]) -> str:
@@ -171,7 +217,8 @@ def parse_grid(data: Dict[str, Any], base_dir: Path = Path("."), source: Optiona
             raise UserError(f"{where}: [[runs]] #{i} needs strategy = \"NAME\" or both learner and merger")
         entries.append(GridEntry(strategy=run.get("strategy"), learner=run.get("learner"),
                                  merger=run.get("merger"), protocol=run.get("protocol"),
-                                 overrides=_str_list(run.get("overrides", []), "overrides", f"{where} [[runs]] #{i}")))
+                                 overrides=_str_list(run.get("overrides", []), "overrides", f"{where} [[runs]] #{i}"),
+                                 sweep=_sweep_table(run.get("sweep", {}), f"{where} [[runs]] #{i}")))
     if not entries:
         raise UserError(f"{where}: no runs; set strategies = [\"c-ta\", ...] or \"all\", or add [[runs]] sections")
 
@@ -205,10 +252,14 @@ def parse_grid(data: Dict[str, Any], base_dir: Path = Path("."), source: Optiona
     title = data.get("title")
     if title is not None and not isinstance(title, str):
         raise UserError(f"{where}: 'title' must be a string")
+    select = data.get("select")
+    if select is not None and select not in SELECTIONS:
+        raise UserError(f"{where}: select must be one of {', '.join(SELECTIONS)}; got {select!r}")
     return Grid(benchmark=benchmark, entries=entries, orders=orders, seeds=seeds, num_tasks=num_tasks,
                 overrides=_str_list(data.get("overrides", []), "overrides", where),
                 out=path("out", "runs"), markdown=path("markdown", None), csv=path("csv", None),
-                title=title, source=source, ray=_ray_table(data.get("ray", {}), where))
+                title=title, source=source, ray=_ray_table(data.get("ray", {}), where),
+                sweep=_sweep_table(data.get("sweep", {}), where), select=select)
 
 
 def load_grid(path: Path) -> Grid:
@@ -224,27 +275,137 @@ def load_grid(path: Path) -> Grid:
     return parse_grid(data, base_dir=path.resolve().parent, source=path)
 
 
+def _current_value(config: RunConfig, key: str) -> Any:
+    """The value ``key`` (SECTION.NAME) takes in ``config``; KeyError when no component declares it."""
+    section, name = key.split(".", 1)
+    params = {"learner": config.learner_params, "merger": config.merger_params,
+              "benchmark": config.benchmark_params, "run": config.run_params}.get(section)
+    if params is None or name not in params:
+        raise KeyError(key)
+    value = params[name]
+    if value is None and section in ("learner", "merger"):  # a default the component fills in itself
+        from .registry import LEARNERS, MERGERS
+
+        cls = (MERGERS if section == "merger" else LEARNERS).get(getattr(config, section))
+        value = getattr(cls(**params), name, None)
+    return value
+
+
+def _axes(config: RunConfig, sweep: Dict[str, Any], where: str) -> List[List[str]]:
+    """The override strings of each sweep axis this config declares (absolute or times its default)."""
+    axes = []
+    for key, axis in sweep.items():
+        try:
+            current = _current_value(config, key)
+        except KeyError:
+            continue
+        if isinstance(axis, dict):
+            if not isinstance(current, (int, float)) or isinstance(current, bool):
+                raise UserError(f"{where}: sweep '{key}' times_default needs a numeric default; "
+                                f"{config.label} has {current!r}; give absolute values")
+            values = [round(current * f, 12) for f in axis["times_default"]]
+        else:
+            values = axis
+        axes.append([f"{key}={v}" for v in values])
+    return axes
+
+
 def expand(grid: Grid) -> List[RunConfig]:
-    """Every run of the grid, resolved and checked (T × entry × order × seed), without duplicates."""
+    """Every run of the grid, resolved and checked (T × entry × sweep × order × seed), without
+    duplicates. A swept entry also runs at its own defaults (``grid.default_run_ids``)."""
+    import itertools
+
+    where = _where(grid.source)
     configs: List[RunConfig] = []
     seen = set()
+    grid.default_run_ids = set()
+    used_keys = set()
+
+    def add(config: RunConfig, default: bool) -> None:
+        if default:
+            grid.default_run_ids.add(config.run_id())
+        if config.run_id() not in seen:
+            seen.add(config.run_id())
+            configs.append(config)
+
     for T in grid.num_tasks:
         for entry in grid.entries:
+            sweep = {**grid.sweep, **entry.sweep}
             for order in (grid.orders or [None]):
                 for seed in grid.seeds:
                     overrides = list(grid.overrides) + list(entry.overrides)
                     if T is not None:
                         overrides.append(f"benchmark.num_tasks={T}")
-                    try:
-                        config = resolve(grid.benchmark, strategy=entry.strategy, learner=entry.learner,
-                                         merger=entry.merger, protocol=entry.protocol, order=order,
-                                         seed=seed, overrides=overrides)
-                    except UserError as exc:
-                        raise UserError(f"{_where(grid.source)}: {exc}") from None
-                    if config.run_id() not in seen:
-                        seen.add(config.run_id())
-                        configs.append(config)
+
+                    def build(extra):
+                        try:
+                            return resolve(grid.benchmark, strategy=entry.strategy, learner=entry.learner,
+                                           merger=entry.merger, protocol=entry.protocol, order=order,
+                                           seed=seed, overrides=overrides + list(extra))
+                        except UserError as exc:
+                            raise UserError(f"{where}: {exc}") from None
+
+                    base = build([])
+                    add(base, True)
+                    axes = _axes(base, sweep, where)
+                    used_keys |= {a[0].split("=", 1)[0] for a in axes}
+                    for combo in itertools.product(*axes) if axes else ():
+                        add(build(combo), False)
+    unused = sorted(set(grid.sweep) - used_keys)
+    if unused:
+        raise UserError(f"{where}: no entry declares sweep key '{unused[0]}' (see `cl-merge list`)")
     return configs
+
+
+# ---- selection on validation data --------------------------------------------------------------------
+def validation_score(result: Dict[str, Any]) -> Optional[float]:
+    """Mean over tasks of the final row on the validation splits; None when not recorded."""
+    vals = result.get("val_acc")
+    if not vals or any(v is None for v in vals):
+        return None
+    return statistics.fmean(vals)
+
+
+def _selection_key(result: Dict[str, Any]) -> Tuple:
+    return (result["benchmark"], result.get("model"), result["strategy"], result["protocol"], len(result["tasks"]))
+
+
+def select_by_validation(results: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Per (benchmark, model, strategy, protocol, T): the hyperparameter setting whose runs have the
+    best mean validation score (module doc). Reads only the group key, ``hyperparameters`` and
+    ``val_acc`` of each result. Returns the chosen runs and one record per choice."""
+    groups: Dict[Tuple, Dict[str, List[Dict[str, Any]]]] = {}
+    for r in results:
+        variant = json.dumps(_variant(r), sort_keys=True, default=str)
+        groups.setdefault(_selection_key(r), {}).setdefault(variant, []).append(r)
+    chosen, choices = [], []
+    for key, variants in groups.items():
+        scored = {}
+        for variant, runs in sorted(variants.items()):
+            scores = [validation_score(r) for r in runs]
+            if any(v is None for v in scores):
+                raise UserError(f"{key[2]}: a run has no val_acc (validation accuracy); rerun it with this "
+                                "version, or drop select from the grid")
+            scored[variant] = statistics.fmean(scores)
+        best = max(scored, key=lambda v: scored[v])  # first maximum in sorted order
+        picked = json.loads(best)
+        others = [json.loads(v) for v in variants]
+        swept = sorted({k for v in others for k in v if v.get(k) != picked.get(k)})
+        chosen += variants[best]
+        choices.append({"benchmark": key[0], "model": key[1], "strategy": key[2], "protocol": key[3], "T": key[4],
+                        "selected": {k: picked.get(k) for k in swept}, "val_acc": scored[best],
+                        "candidates": {json.dumps({k: json.loads(v).get(k) for k in swept}): s
+                                       for v, s in scored.items()}})
+    return chosen, choices
+
+
+def mark_tuned(rows: Sequence["Row"], choices: Sequence[Dict[str, Any]]) -> None:
+    """Name each row's selected setting ("tuned on val: KEY=VALUE")."""
+    by_key = {(c["benchmark"], c["model"], c["strategy"], c["protocol"], c["T"]): c for c in choices}
+    for row in rows:
+        c = by_key.get((row.benchmark, row.model, row.strategy, row.protocol, row.T))
+        if c is not None and c["selected"]:
+            row.variant = "tuned on val: " + ", ".join(f"{k}={v}" for k, v in c["selected"].items())
 
 
 # ---- running ---------------------------------------------------------------------------------------

@@ -58,8 +58,8 @@ def global_norm(a: StateDict) -> float:
 
 
 def is_matrix(tensor: torch.Tensor) -> bool:
-    """The "2-D" parameters of the merging rules. conv1 (4-D) is deliberately not one: the SVD-based
-    mergers treat it like biases and norms (element-wise), matching the seed papers' per-matrix rules."""
+    """Shape test only (2-D). Which tensors a merger treats as matrices, and how q/k/v and conv1 are
+    cut, is decided by ``cl_merge.tensor_kinds`` and each merger's rule table."""
     return tensor.ndim == 2
 
 

@@ -15,6 +15,15 @@ COLUMNS = [
 ]
 _PERCENT = {"acc", "bwt", "fwt", "normalized_acc"}
 _METRICS = _PERCENT | {"sar"}
+SCOPE_TEXT = {"seen_tasks": "mean over the seen tasks", "current_task": "current task only"}
+
+
+def scope_note(table_rows: List[Dict[str, Any]]) -> str:
+    """The SAR scope(s) of the rows, in words (every table names the scope it shows)."""
+    scopes = sorted({str(r.get("sar_scope")) for r in table_rows if r.get("sar") is not None})
+    if not scopes:
+        return "SAR not recorded"
+    return "SAR: " + "; ".join(SCOPE_TEXT.get(s, s) for s in scopes) + (" (mixed scopes)" if len(scopes) > 1 else "")
 
 
 def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -25,6 +34,7 @@ def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "T": len(r["tasks"]), "order": r["order"], "seed": r["seed"], "acc": r["acc"], "bwt": r["bwt"],
             "fwt": r["fwt"], "normalized_acc": r["normalized_acc"],
             "sar": (r.get("sar") or [None])[-1],  # after the final step
+            "sar_scope": r.get("sar_scope"),  # seen_tasks (mean over seen tasks) or current_task
             "wall_s": (r.get("timings") or {}).get("wall_s"),
             "diverged": bool(r.get("diverged")),
         })
@@ -51,7 +61,7 @@ def fmt(key: str, value: Any) -> str:
 
 
 def rich_table(table_rows: List[Dict[str, Any]], title: str = "cl_merge results (ACC/BWT/FWT in %)") -> Table:
-    table = Table(title=title)
+    table = Table(title=f"{title}; {scope_note(table_rows)}")
     for header, key in COLUMNS:
         table.add_column(header, justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed", "sar"} else "left")
     for row in table_rows:
@@ -65,12 +75,12 @@ def markdown(table_rows: List[Dict[str, Any]]) -> str:
     for row in table_rows:
         lines.append("| " + " | ".join(cell(row, k) for _, k in COLUMNS) + " |")
     return "\n".join(lines) + ("\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %; SAR (subspace alignment "
-                                "ratio) after the final step, in [0, 1].\n")
+                                "ratio) after the final step, in [0, 1]; " + scope_note(table_rows) + ".\n")
 
 
 def csv_text(table_rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS] + ["diverged"])
+    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS] + ["sar_scope", "diverged"])
     writer.writeheader()
     for row in table_rows:
         writer.writerow({k: ("diverged" if row.get("diverged") and k in _METRICS else v) for k, v in row.items()})

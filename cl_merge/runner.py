@@ -7,7 +7,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from filelock import FileLock, Timeout
 
@@ -121,8 +121,8 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
             cache = (ExpertCache(cache_dir / "experts", expected=layout_of(adapter.get_state()))
                      if settings.expert_cache else None)
             # past tasks' updates for SAR live in the checkpoint directory: kept for resume, removed with it
-            sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None)
-                   if settings.sar else None)
+            sar = (SARMeter(settings.sar_energy, checkpointer.directory / "sar" if settings.sar_store else None,
+                            qkv=settings.sar_qkv) if settings.sar else None)
             # the benchmark picks the parameter store: in memory, or tensor by tensor on disk (mergebench)
             storage = benchmark.parameter_storage(adapter=adapter, checkpointer=checkpointer, device=device)
             record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
@@ -130,6 +130,7 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
                                   eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
                                   cache=cache, reporter=reporter, sar=sar, storage=storage)
             benchmark.finish_run(stream, record)
+            record["val_acc"] = final_validation(adapter, stream.tasks)
     except Diverged as exc:
         if settings.on_divergence != "record":
             raise  # the last good checkpoint stays; no results file
@@ -164,6 +165,16 @@ def diverged_record(checkpointer: Checkpointer) -> Dict[str, Any]:
             pass
     return record
 
+
+def final_validation(adapter, tasks) -> List[Optional[float]]:
+    """The final deployed model's accuracy on each task's validation split (null where a task has
+    none): what a per-run hyperparameter search selects on, so that the test split is never read.
+    The protocol loop leaves the adapter showing the final deployed model."""
+    out: List[Optional[float]] = []
+    for task in tasks:
+        val = getattr(task, "val", None)
+        out.append(None if val is None or len(val) == 0 else adapter.evaluate(task, "val"))
+    return out
 
 def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any], device: str,
              setup_s: float, wall_s: float, diverged: Optional[Diverged] = None) -> Dict[str, Any]:
@@ -227,6 +238,8 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         # where the states lived: "memory" or "disk" (tensor by tensor), with per-step merge passes and sizes
         "parameter_store": {"backend": record.get("parameter_store"), "per_step": record.get("store_steps"),
                             "mergeable_bytes": record.get("mergeable_bytes")},
+        # final row on the validation splits (selection data for sweeps; never the test split)
+        "val_acc": record.get("val_acc"),
         "config": dict(config.to_dict(), run_params=recorded_settings(config.run_params)),
         # divergence (cl_merge.divergence): false, or true with where it happened
         "diverged": not scored,

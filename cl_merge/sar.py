@@ -8,8 +8,11 @@ crossing component included. Since U_k is orthonormal, ‖Π_k Δ‖_F = ‖U_k�
 
 Conventions:
 
-- Only 2-D parameters are matrices here (``params.is_matrix``): the SVD-based mergers' definition.
-  conv1 (4-D), biases, norms and other 1-D tensors do not enter SAR.
+- Layers (``RULES``, kinds from ``cl_merge.tensor_kinds``): every 2-D weight matrix and the 2-D
+  positional embedding is one layer; open_clip's stacked ``attn.in_proj_weight`` is three layers
+  (q, k, v; keys ``name[q]``, ``name[k]``, ``name[v]``), as the d × d matrices of HF CLIP that the
+  reference code scores (``qkv="stacked"`` scores it as one 3d × d matrix). conv1 (4-D), biases,
+  norms and the class token do not enter SAR.
 - Δ_task is the task's own update, expert − start (= expert − θ0 under the independent protocol).
 - A layer is skipped for a task when its Δ_task is exactly zero (no update to align: e.g. a layer
   a sparse learner never touched) and for every task when its Δ_merged is zero (no subspace) or a
@@ -35,9 +38,31 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .errors import UserError
-from .params import StateDict, is_matrix
+from .params import StateDict
+from .tensor_kinds import Kind, RuleTable, rule_for, split_qkv
 
 DEFAULT_ENERGY = 0.95
+#: which tensors are SAR layers: "matrix" (one layer), "blocks" (q, k, v: three layers), "skip"
+RULES: Dict[Kind, str] = {Kind.QKV: "blocks", Kind.MATRIX: "matrix", Kind.POSITIONAL: "matrix",
+                          Kind.CONV: "skip", Kind.EMBEDDING: "skip", Kind.NORM: "skip", Kind.BIAS: "skip",
+                          Kind.OTHER: "skip"}
+STACKED_RULES: Dict[Kind, str] = {**RULES, Kind.QKV: "matrix"}
+
+
+def rule_table(qkv: str = "split") -> Dict[Kind, str]:
+    if qkv not in ("split", "stacked"):
+        raise ValueError(f"qkv must be split or stacked; got {qkv!r}")
+    return dict(RULES if qkv == "split" else STACKED_RULES)
+
+
+def sar_layers(name: str, tensor: torch.Tensor, table: RuleTable = RULES) -> List[tuple]:
+    """(layer key, 2-D tensor) pairs that ``tensor`` contributes to SAR (module doc)."""
+    rule = rule_for(name, tensor, table)
+    if rule == "matrix":
+        return [(name, tensor)]
+    if rule == "blocks":
+        return [(f"{name}[{p}]", b) for p, b in zip("qkv", split_qkv(tensor))]
+    return []
 STORE_DTYPE = torch.bfloat16
 # CPU work on matrices below this many elements runs on one intra-op thread: there, thread start-up and
 # synchronisation cost more than they save (measured on 2 busy shared cores: a 384x96 SVD took 1.1 s
@@ -127,20 +152,28 @@ class MergedBasis:
     Built once; ``score`` then evaluates any number of tasks against the same bases. (``SARMeter``
     works layer by layer instead, so a step never holds every layer's basis at once.)"""
 
-    def __init__(self, delta_merged: StateDict, energy: float = DEFAULT_ENERGY):
+    def __init__(self, delta_merged: StateDict, energy: float = DEFAULT_ENERGY, table: RuleTable = RULES):
         self.energy = energy
-        self.bases: Dict[str, Optional[torch.Tensor]] = {
-            name: top_basis(d, energy) for name, d in delta_merged.items() if is_matrix(d)}
+        self.table = table
+        self.bases: Dict[str, Optional[torch.Tensor]] = {}
+        self._where: Dict[str, tuple] = {}  # layer key -> (parameter name, block index)
+        for name, d in delta_merged.items():
+            for i, (key, block) in enumerate(sar_layers(name, d, table)):
+                self.bases[key] = top_basis(block, energy)
+                self._where[key] = (name, i)
         self.ranks: Dict[str, int] = {k: (0 if b is None else b.shape[1]) for k, b in self.bases.items()}
 
     @classmethod
-    def from_states(cls, deployed: StateDict, theta0: StateDict, energy: float = DEFAULT_ENERGY) -> "MergedBasis":
-        return cls({k: deployed[k] - theta0[k] for k in deployed if is_matrix(deployed[k])}, energy)
+    def from_states(cls, deployed: StateDict, theta0: StateDict, energy: float = DEFAULT_ENERGY,
+                    table: RuleTable = RULES) -> "MergedBasis":
+        return cls({k: deployed[k] - theta0[k] for k in deployed if sar_layers(k, deployed[k], table)}, energy, table)
 
     def score(self, delta_task: StateDict) -> TaskSAR:
         acc = _TaskScore()
-        for name, basis in self.bases.items():
-            acc.add(basis, delta_task.get(name))
+        for key, basis in self.bases.items():
+            name, i = self._where[key]
+            d = delta_task.get(name)
+            acc.add(basis, None if d is None else sar_layers(name, d, self.table)[i][1])
         return acc.result()
 
 
@@ -160,9 +193,10 @@ class SARMeter:
     the earlier tasks' updates and the directory disappears with the checkpoint once the results
     exist. ``scope`` names what ``sar`` averages: "current_task" or "seen_tasks"."""
 
-    def __init__(self, energy: float = DEFAULT_ENERGY, store_dir: Optional[Path] = None):
+    def __init__(self, energy: float = DEFAULT_ENERGY, store_dir: Optional[Path] = None, qkv: str = "split"):
         self.energy = energy
         self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.table = rule_table(qkv)
 
     @property
     def scope(self) -> str:
@@ -190,17 +224,21 @@ class SARMeter:
         try:
             for name in theta0:
                 b = theta0[name]
-                if not is_matrix(b):
+                if not sar_layers(name, b, self.table):
                     continue
                 delta = expert[name] - start[name]  # Δ_task = expert − start
                 if writer is not None:
                     writer.add(name, delta.to(STORE_DTYPE))
-                basis = top_basis(deployed[name] - b, self.energy)  # once per layer, shared below
-                ranks.append(0 if basis is None else basis.shape[1])
-                for source, score in zip(past, scores):
-                    score.add(basis, source[name] if name in source else None)
-                scores[-1].add(basis, delta)  # the current task from its full-precision update
-                del b, delta, basis
+                merged = sar_layers(name, deployed[name] - b, self.table)
+                task = sar_layers(name, delta, self.table)
+                stored = [sar_layers(name, source[name], self.table) if name in source else None for source in past]
+                for i, ((_, m), (_, d)) in enumerate(zip(merged, task)):  # q, k, v blocks are layers of their own
+                    basis = top_basis(m, self.energy)  # once per layer, shared below
+                    ranks.append(0 if basis is None else basis.shape[1])
+                    for layers, score in zip(stored, scores):
+                        score.add(basis, None if layers is None else layers[i][1])
+                    scores[-1].add(basis, d)  # the current task from its full-precision update
+                del b, delta, merged, task, stored
         except BaseException:
             if writer is not None:
                 writer.abort()

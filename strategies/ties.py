@@ -37,6 +37,12 @@ any ties at the threshold. Scope: ``trim_scope="global"`` (default) ranks all me
 task vector together, as the paper's "top-k% entries of τ_t" and the reference code (which flattens the
 whole checkpoint into one vector) do; ``"tensor"`` ranks each tensor on its own.
 
+Rule table: TIES is element-wise, so every kind of tensor (``cl_merge.tensor_kinds``: q/k/v,
+matrices, conv1, embeddings, biases, norms) takes the same rule, "trim" (``RULES``). Under the default
+global scope how q/k/v are stored makes no difference (FusionBench flattens the whole checkpoint
+too). Under ``trim_scope="tensor"`` open_clip's stacked ``in_proj_weight`` is ranked as one tensor
+by default; ``qkv="split"`` ranks q, k and v on their own, as the d × d tensors of HF CLIP would be.
+
 State: Δ_cum for the seed variant (one model-sized running sum); nothing for the FusionBench variant
 (it reads M_{t−1} from ``previous``).
 
@@ -48,14 +54,19 @@ histogram passes, a float64 vote total), so both variants run over either parame
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Dict, Literal, Optional
 
 import torch
 
 from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
-from cl_merge.reductions import KthSmallestAbs, Total, trim_kth
+from cl_merge.reductions import KthSmallestAbs, Total, kth_smallest_abs, trim_kth
 from cl_merge.registry import register_merger
+from cl_merge.tensor_kinds import Kind, map_blocks, rule_for
+
+#: the rule of every kind (module doc); "trim_blocks" (q, k, v ranked on their own) with qkv="split"
+RULES: Dict[Kind, str] = {k: "trim" for k in Kind}
+SPLIT_RULES: Dict[Kind, str] = {**RULES, Kind.QKV: "trim_blocks"}
 
 _DEFAULT_ALPHA = {"seed": 0.3, "fusionbench": 0.5}
 
@@ -87,6 +98,24 @@ def disjoint_sum(rows, sign: torch.Tensor, majority: torch.Tensor) -> torch.Tens
     return total
 
 
+
+def ties_disjoint_sum(rows, keep: float, scope: str = "global"):
+    """TIES over N task vectors held in memory as name -> tensor dicts (all at once, e.g. DARE-TIES):
+    trim each row (its own global threshold, or per tensor), elect sign(Σ trimmed rows) per entry,
+    entries whose sum is 0 take the all-parameter majority sign, then the disjoint sum. The same
+    primitives as the continual rule below."""
+    def trimmed(row):
+        if scope == "global":
+            kth = trim_kth(sum(v.numel() for v in row.values()), keep)
+            thr = None if kth is None else kth_smallest_abs(list(row.values()), kth)
+            return {n: trim(v, thr) for n, v in row.items()}
+        return {n: trim(v, tensor_threshold(v, keep)) for n, v in row.items()}
+
+    rows = [trimmed(r) for r in rows]
+    signs = {n: torch.sign(sum(r[n] for r in rows)) for n in rows[0]}
+    majority = torch.sign(sum(s.sum(dtype=torch.float64) for s in signs.values()))
+    return {n: disjoint_sum([r[n] for r in rows], signs[n], majority) for n in signs}
+
 @register_merger
 @dataclasses.dataclass
 class TiesMerger(Merger):
@@ -97,8 +126,10 @@ class TiesMerger(Merger):
     k: float = 0.2  # fraction of entries kept by the trim (the papers' "top-20%")
     alpha: Optional[float] = None  # None: the variant's default (seed 0.3, fusionbench 0.5)
     trim_scope: Literal["global", "tensor"] = "global"
+    qkv: Literal["stacked", "split"] = "stacked"  # tensor scope only (module doc)
 
     def __post_init__(self):
+        self.rules = SPLIT_RULES if self.qkv == "split" else RULES
         if not 0.0 < self.k <= 1.0:
             raise ValueError(f"k is the kept fraction, in (0, 1]; got {self.k}")
         if self.alpha is None:
@@ -124,18 +155,23 @@ class TiesMerger(Merger):
     def _m(x):
         return torch.sub(x.previous, x.base)
 
-    def _threshold(self, x, key: str, v: torch.Tensor):
-        return x.reduced[key] if self.trim_scope == "global" else tensor_threshold(v, self.k)
+    def _trimmed(self, x, key: str, v: torch.Tensor) -> torch.Tensor:
+        """Trim_k of ``v``: the global threshold ``key``, or the tensor's own (block by block for a
+        "trim_blocks" rule: q, k, v ranked on their own)."""
+        if self.trim_scope == "global":
+            return trim(v, x.reduced[key])
+        if rule_for(x.name, v, self.rules) == "trim_blocks":
+            return map_blocks(lambda b: trim(b, tensor_threshold(b, self.k)), v)
+        return trim(v, tensor_threshold(v, self.k))
 
     def _trimmed_rows(self, x):
-        m, t = self._m(x), x.tau
-        return trim(m, self._threshold(x, "thr_m", m)), trim(t, self._threshold(x, "thr_t", t))
+        return self._trimmed(x, "thr_m", self._m(x)), self._trimmed(x, "thr_t", x.tau)
 
     # ---- the per-tensor rule --------------------------------------------------------------------
     def merge_tensor(self, x):
         if self.variant == "seed":
             tau = x.tau
-            total = x.state.get("sum", torch.zeros_like(x.base)) + trim(tau, self._threshold(x, "thr_t", tau))
+            total = x.state.get("sum", torch.zeros_like(x.base)) + self._trimmed(x, "thr_t", tau)
             x.new_state["sum"] = total
             return x.base + self.alpha * total
         if x.step == 1:

@@ -17,15 +17,19 @@ def rand_state(seed, scale=1.0):
     return {k: torch.randn(s, generator=g, dtype=torch.float64).float() * scale for k, s in SHAPES}
 
 
-def oracle(base, previous, expert, start, t, lam=0.0, alpha=1.0):
-    """Eq. 10–12 directly: one float64 SVD per 2-D matrix."""
+def oracle(base, previous, expert, start, t, lam=0.0, alpha=1.0, eq10_everywhere=False):
+    """Eq. 10–12 directly: one float64 SVD per 2-D matrix; the other tensors take the running mean
+    ((t − 1) Δ_cum + (expert − θ0)) / t (ISO-C), or Δ_com itself with ``eq10_everywhere``."""
     out = {}
     for k in base:
-        com = (1 + lam) * (previous[k].double() - base[k].double()) + (1 - lam) * (expert[k].double() - start[k].double())
+        cum = previous[k].double() - base[k].double()
+        com = (1 + lam) * cum + (1 - lam) * (expert[k].double() - start[k].double())
         if com.ndim == 2:
             u, s, vh = torch.linalg.svd(com, full_matrices=False)
             s_bar = s.mean()
             com = u @ torch.diag(s_bar + (s - s_bar) / math.sqrt(t)) @ vh
+        elif not eq10_everywhere:
+            com = ((t - 1) * cum + expert[k].double() - base[k].double()) / t
         out[k] = base[k].double() + alpha * com
     return out
 
@@ -67,10 +71,57 @@ def test_lambda_alpha_and_the_start_point_act_as_defined():
     merger.reset(base)
     out = merge(merger, base, previous, expert, start, 3)
     assert close(out, oracle(base, previous, expert, start, 3, lam=0.25, alpha=0.7))
-    # non-2-D parameters: θ0 + α Δ_com exactly, whatever t
+    # non-2-D parameters: θ0 + α·running mean, λ plays no part there
     for k in ("bias", "conv"):
+        mean = (2 * (previous[k] - base[k]) + (expert[k] - base[k])) / 3
+        assert torch.allclose(out[k], base[k] + 0.7 * mean, atol=1e-6)
+    literal = MERGERS.get("isotropic")(lam=0.25, alpha=0.7, preset="eq10")
+    literal.reset(base)
+    out = merge(literal, base, previous, expert, start, 3)
+    assert close(out, oracle(base, previous, expert, start, 3, lam=0.25, alpha=0.7, eq10_everywhere=True))
+    for k in ("bias", "conv"):  # Eq. 10 read literally: θ0 + α Δ_com exactly, whatever t
         com = 1.25 * (previous[k] - base[k]) + 0.75 * (expert[k] - start[k])
         assert torch.allclose(out[k], base[k] + 0.7 * com, atol=1e-6)
+
+
+def test_running_mean_is_the_task_mean_independently_and_swa_sequentially():
+    """Non-matrix tensors, O(1) state: independent (start = θ0) → mean of the task vectors; sequential
+    (start = previous) → M_t = M_{t−1} + τ_t / t."""
+    base = rand_state(0)
+    taus = [rand_state(10 + i) for i in range(4)]
+    merger = MERGERS.get("isotropic")()
+    merger.reset(base)
+    deployed = base
+    for t, tau in enumerate(taus, start=1):
+        deployed = merge(merger, base, deployed, {k: base[k] + tau[k] for k in base}, base, t)
+    for k in ("bias", "conv"):
+        assert torch.allclose(deployed[k] - base[k], sum(x[k] for x in taus) / 4, atol=1e-6)
+    deployed = base
+    for t, tau in enumerate(taus, start=1):
+        prev_m = {k: deployed[k] - base[k] for k in base}
+        deployed = merge(merger, base, deployed, {k: deployed[k] + tau[k] for k in base}, deployed, t)
+        for k in ("bias", "conv"):
+            assert torch.allclose(deployed[k] - base[k], prev_m[k] + tau[k] / t, atol=1e-6)
+
+
+def test_conv_as_matrix_reshapes_the_kernel_and_stacked_qkv_is_one_matrix():
+    g = torch.Generator().manual_seed(3)
+    base = {"conv1.weight": torch.zeros(6, 3, 2, 2), "attn.in_proj_weight": torch.zeros(12, 4)}
+    expert = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    prev = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+    def eq11(m, t=4):
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        return u @ torch.diag(s.mean() + (s - s.mean()) / math.sqrt(t)) @ vh
+
+    out = merge(MERGERS.get("isotropic")(conv="matrix", qkv="stacked"), base, prev, expert, base, 4)
+    com = {k: prev[k] + expert[k] for k in base}
+    assert torch.allclose(out["conv1.weight"].double(), eq11(com["conv1.weight"].reshape(6, 12)).reshape(6, 3, 2, 2),
+                          atol=1e-5)
+    assert torch.allclose(out["attn.in_proj_weight"].double(), eq11(com["attn.in_proj_weight"]), atol=1e-5)
+    out = merge(MERGERS.get("isotropic")(), base, prev, expert, base, 4)  # default: q, k, v one by one
+    blocks = [eq11(b) for b in com["attn.in_proj_weight"].split(4)]
+    assert torch.allclose(out["attn.in_proj_weight"].double(), torch.cat(blocks), atol=1e-5)
 
 
 def test_sequential_lambda_zero_merges_expert_minus_theta0():
@@ -79,7 +130,9 @@ def test_sequential_lambda_zero_merges_expert_minus_theta0():
     merger = MERGERS.get("isotropic")()
     merger.reset(base)
     out = merge(merger, base, previous, expert, previous, 2)
-    assert close(out, oracle(base, base, expert, base, 2))
+    matrices = [k for k in base if base[k].ndim == 2]
+    assert close({k: out[k] for k in matrices}, {k: v for k, v in oracle(base, base, expert, base, 2).items() if k in matrices})
+    assert close(out, oracle(base, previous, expert, previous, 2))
 
 
 def test_rank_deficient_update_stays_in_its_row_and_column_spaces():

@@ -226,3 +226,62 @@ def test_a_grid_runs_missing_runs_end_to_end(tmp_path, capsys, shared_cache):
     assert "| c-ta | independent | 2 | 2 |" in md and "seen_tasks: mean over all tasks seen so far" in md
     assert main(["leaderboard", str(path), "--quiet"]) == 0
     assert "0 ran now, 2 had finished earlier" in capsys.readouterr().out
+
+
+# ---- sweeps and selection on validation data ------------------------------------------------------------
+def test_sweep_axis_expands_per_entry_relative_to_each_default(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text('benchmark = "mini"\nstrategies = ["c-ta", "saim", "c-ft"]\nselect = "val_acc"\n'
+                    '[sweep]\n"merger.alpha" = {times_default = [0.5, 1.0, 2.0]}\n'
+                    '[[runs]]\nstrategy = "c-ties"\nsweep = {"merger.alpha" = [0.1, 0.2]}\n')
+    g = lb.load_grid(grid)
+    configs = lb.expand(g)
+    alphas = {}
+    for c in configs:
+        alphas.setdefault(c.label, set()).add(c.merger_params.get("alpha"))
+    assert alphas["c-ta"] == {0.15, 0.3, 0.6}  # TA's default 0.3 × factors
+    assert alphas["saim"] == {0.5, 1.0, 2.0}
+    assert alphas["c-ties"] == {0.1, 0.2, 0.3}  # its own axis, plus its default run (strategy α 0.3)
+    assert len([c for c in configs if c.label == "c-ft"]) == 1  # identity merger: no α, run once
+    defaults = {c.label: c for c in configs if c.run_id() in g.default_run_ids}
+    assert set(defaults) == {"c-ta", "saim", "c-ft", "c-ties"} and defaults["c-ta"].merger_params["alpha"] == 0.3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('benchmark = "mini"\nstrategies = ["c-ft"]\n[sweep]\n"merger.alpha" = [1.0]\n')
+    with pytest.raises(lb.UserError, match="no entry declares sweep key 'merger.alpha'"):
+        lb.expand(lb.load_grid(bad))
+
+
+class SplitGuard(dict):
+    """A result whose test-split figures raise when read: selection must not touch them."""
+
+    TEST_KEYS = {"acc", "bwt", "acc_matrix", "normalized_acc", "normalized_acc_per_task", "fwt", "expert_acc", "sar"}
+
+    def __getitem__(self, key):
+        if key in self.TEST_KEYS:
+            raise AssertionError(f"selection read the test figure {key!r}")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key in self.TEST_KEYS:
+            raise AssertionError(f"selection read the test figure {key!r}")
+        return super().get(key, default)
+
+
+def test_selection_uses_validation_only_and_reports_the_chosen_settings_test_figures():
+    # α = 0.3 is best on test, α = 0.6 on validation: the choice must follow validation
+    runs = []
+    for order in (1, 2):
+        for alpha, test, val in ((0.3, (0.9, 0.9, 0.9), [0.5, 0.5, 0.5]), (0.6, (0.6, 0.6, 0.6), [0.7, 0.8, 0.7])):
+            r = fake_result(order=order, acc_last=test, hyper={"merger.alpha": alpha, "benchmark.num_tasks": 3})
+            r["val_acc"] = val
+            runs.append(r)
+    chosen, choices = lb.select_by_validation([SplitGuard(r) for r in runs])
+    assert [c["selected"] for c in choices] == [{"merger.alpha": 0.6}]
+    assert choices[0]["val_acc"] == pytest.approx(statistics.fmean([0.7, 0.8, 0.7]))
+    rows = lb.aggregate([dict(r) for r in chosen])
+    lb.mark_tuned(rows, choices)
+    assert len(rows) == 1 and rows[0].n == 2 and rows[0].stats["acc"][0] == pytest.approx(0.6)
+    assert rows[0].name == "c-ta [tuned on val: merger.alpha=0.6]"
+    runs[0]["val_acc"] = None
+    with pytest.raises(lb.UserError, match="no val_acc"):
+        lb.select_by_validation(runs)

@@ -123,7 +123,7 @@ def test_zero_previous_delta_leaves_the_task_vector_unprojected():
     assert torch.equal(project_task_vector(torch.zeros(4, 3), tau, 0.5), tau)
 
 
-def test_every_matrix_of_an_open_clip_visual_tower_is_projected(tmp_path):
+def _tiny_tower(tmp_path):
     import open_clip
 
     cfg = {"embed_dim": 16,
@@ -133,29 +133,45 @@ def test_every_matrix_of_an_open_clip_visual_tower_is_projected(tmp_path):
     open_clip.add_model_config(tmp_path)
     torch.manual_seed(0)
     visual = open_clip.create_model("opcm-test-vit", pretrained=None).visual
-    base = {k: p.detach().clone() for k, p in visual.named_parameters()}
+    return {k: p.detach().clone() for k, p in visual.named_parameters()}
+
+
+@pytest.mark.parametrize("qkv", ["split", "stacked"])
+def test_rule_table_on_an_open_clip_visual_tower(tmp_path, qkv):
+    """Linear weights are projected (q, k, v one by one by default), everything else is summed."""
+    base = _tiny_tower(tmp_path)
     shapes = tuple((k, tuple(v.shape)) for k, v in base.items())
     e1, e2 = random_state(1, shapes), random_state(2, shapes)
     e1 = {k: base[k] + 0.1 * v for k, v in e1.items()}
     e2 = {k: base[k] + 0.1 * v for k, v in e2.items()}
-    merger = MERGERS.get("opcm")()
+    merger = MERGERS.get("opcm")(qkv=qkv)
     d1 = run(merger, base, [e1], [base])[0]
     lam1 = float(merger.state_dict()["lambda"])
     d2 = merger.merge(base=base, previous=d1, expert=e2, start=base, step=2)
     lam2 = float(merger.state_dict()["lambda"])
-    matrices = set()
+    projected = set()
     for k in base:
         m1 = (d1[k] - base[k]).double()
         tilde = lam2 * (d2[k] - base[k]).double() - lam1 * m1  # τ̃ recovered from the output
         tau = (e2[k] - base[k]).double()
-        if base[k].ndim == 2:
-            u, _, vh = torch.linalg.svd(m1, full_matrices=False)
-            assert (u.T @ tilde @ vh.T).diagonal().abs().max() < 1e-4, k
+        pairs = [(m1, tilde)]
+        if k.endswith("in_proj_weight") and qkv == "split":
+            pairs = list(zip(m1.chunk(3), tilde.chunk(3)))
+        if base[k].ndim == 2 and k != "positional_embedding":
+            for m, tt in pairs:
+                u, _, vh = torch.linalg.svd(m, full_matrices=False)
+                assert (u.T @ tt @ vh.T).diagonal().abs().max() < 1e-4, k
             assert not torch.allclose(tilde, tau, atol=1e-4), k
-            matrices.add(k.split(".")[-1])
+            projected.add(k.split(".")[-2] if k.endswith(".weight") else k.split(".")[-1])
         else:
-            assert torch.allclose(tilde, tau, atol=1e-5), k  # conv1 (4-D), biases, norms: summed
-    assert {"positional_embedding", "proj", "in_proj_weight", "weight"} <= matrices
+            assert torch.allclose(tilde, tau, atol=1e-5), k  # conv1, embeddings, biases, norms: summed
+    assert projected == {"proj", "in_proj_weight", "out_proj", "c_fc", "c_proj"}
+    if qkv == "stacked":  # one projection of the 3d × d matrix: q's block is not projected on its own
+        k = next(n for n in base if n.endswith("in_proj_weight"))
+        m1 = (d1[k] - base[k]).double()
+        tilde = lam2 * (d2[k] - base[k]).double() - lam1 * m1
+        u, _, vh = torch.linalg.svd(m1[:32], full_matrices=False)
+        assert (u.T @ tilde[:32] @ vh.T).diagonal().abs().max() > 1e-3
 
 
 def test_state_is_three_scalars_and_round_trips():

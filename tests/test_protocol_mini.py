@@ -110,3 +110,22 @@ def _classes(names):
 
     by_name = {t.name: t.classnames for t in TASKS}
     return [by_name[n] for n in names]
+
+
+def test_runs_record_the_final_row_on_the_validation_splits(tmp_path, fast_overrides, monkeypatch):
+    from cl_merge.models.clip import ClipClassifier
+
+    calls = []
+    real = ClipClassifier.score
+
+    def score(self, task, split="test"):
+        value = real(self, task, split)
+        calls.append((task.name, split, value))
+        return value
+
+    monkeypatch.setattr(ClipClassifier, "score", score)
+    result, _ = run(tmp_path, "c-ta", fast_overrides)
+    val_calls = [c for c in calls if c[1] == "val"]
+    assert [c[0] for c in val_calls] == result["tasks"]  # once per task, after the last step
+    assert result["val_acc"] == [c[2] for c in val_calls]
+    assert all(0.0 <= v <= 1.0 for v in result["val_acc"])

@@ -68,7 +68,8 @@ def test_alpha_chosen_on_validation_data_in_the_protocol_loop(tmp_path, shared_c
     monkeypatch.setattr(ClipClassifier, "score", spy)
     grid = run(tmp_path, shared_cache, fast_overrides + ["merger.alpha_grid=0.2,0.9"], "grid", strategy="saim")
     assert len(grid["chosen_alpha"]) == T and set(grid["chosen_alpha"]) <= {0.2, 0.9}
-    assert splits.count("val") == 2 * T  # each grid value scored once per merge, on validation data
+    # each grid value scored once per merge on validation data, plus the final row's val_acc (T)
+    assert splits.count("val") == 2 * T + T
     single = run(tmp_path, shared_cache, fast_overrides + ["merger.alpha_grid=0.2"], "single", strategy="saim")
     fixed = run(tmp_path, shared_cache, fast_overrides + ["merger.alpha=0.2"], "fixed", strategy="saim")
     assert single["chosen_alpha"] == [0.2] * T and "chosen_alpha" not in fixed

@@ -200,7 +200,7 @@ def test_runs_record_sar_per_step(tmp_path, shared_cache):
     from cl_merge.runner import execute
 
     common = SMALL + [f"run.cache_dir={shared_cache}"]
-    ta, path = execute(resolve("mini", strategy="c-ta", overrides=common + ["run.sar_store=true"]),
+    ta, path = execute(resolve("mini", strategy="c-ta", overrides=common),  # default: the paper's scope
                        out_dir=tmp_path / "a", progress=False)
     T = len(ta["tasks"])
     assert ta["sar_scope"] == "seen_tasks" and ta["sar_energy"] == 0.95
@@ -214,7 +214,8 @@ def test_runs_record_sar_per_step(tmp_path, shared_cache):
     assert json.loads(path.read_text())["sar"] == ta["sar"]
 
     # without storage: the current task only (SWA reuses C-TA's cached experts: no training here)
-    swa, _ = execute(resolve("mini", strategy="swa", overrides=common), out_dir=tmp_path / "b", progress=False)
+    swa, _ = execute(resolve("mini", strategy="swa", overrides=common + ["run.sar_store=false"]),
+                     out_dir=tmp_path / "b", progress=False)
     assert swa["sar_scope"] == "current_task" and swa["sar_per_task"] == [None] * T
     assert swa["sar"] == swa["sar_current"] and swa["sar"][0] >= ENERGY  # step 1 deploys the expert itself
     assert swa["expert_source"] == ["cache"] * T

@@ -174,3 +174,16 @@ def test_k_must_be_a_fraction():
 
     with pytest.raises(UserError):
         MERGERS.get("ties").build({"k": "20"})
+
+
+def test_tensor_scope_with_split_qkv_trims_q_k_v_on_their_own():
+    g = torch.Generator().manual_seed(4)
+    base = {"attn.in_proj_weight": torch.zeros(6, 2), "attn.in_proj_bias": torch.zeros(6)}
+    tau = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    got = _merging.run_merger(MERGERS.get("ties")(trim_scope="tensor", qkv="split", alpha=1.0), base, [tau], [base])[0]
+    w = tau["attn.in_proj_weight"].numpy()
+    blocks = [np_trim(w[i:i + 2].reshape(-1), 0.2).reshape(2, 2) for i in (0, 2, 4)]
+    np.testing.assert_allclose(got["attn.in_proj_weight"].numpy(), np.concatenate(blocks), atol=0)
+    np.testing.assert_allclose(got["attn.in_proj_bias"].numpy(), np_trim(tau["attn.in_proj_bias"].numpy(), 0.2), atol=0)
+    stacked = _merging.run_merger(MERGERS.get("ties")(trim_scope="tensor", alpha=1.0), base, [tau], [base])[0]
+    np.testing.assert_allclose(stacked["attn.in_proj_weight"].numpy(), np_trim(w.reshape(-1), 0.2).reshape(6, 2), atol=0)

@@ -38,7 +38,9 @@ def test_two_task_run_then_a_second_strategy_reuses_experts_and_eval_caches(data
     assert result["hyperparameters"]["learner.lr"] == 1e-5  # the benchmark's paper default
 
     caches = sorted((tmp_path / "cache" / "vision20-eval").glob("*.npy"))
-    assert [c.name.split("-")[0] for c in caches] == ["gtsrb", "svhn"]  # test sets only, one file each
+    # one file per evaluated split: the test sets, and the validation sets of the final val_acc row
+    assert [c.name.split("-")[0] for c in caches] == ["gtsrb", "gtsrb", "svhn", "svhn"]
+    assert len(result["val_acc"]) == 2 and all(0.0 <= v <= 1.0 for v in result["val_acc"])
     stamps = {c: c.stat().st_mtime_ns for c in caches}
 
     cfg2 = resolve("vision20", strategy="swa", order=1, overrides=overrides(data_root, tmp_path))
