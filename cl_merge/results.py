@@ -1,6 +1,6 @@
 """The results JSON: one file per run, schema versioned, written atomically.
 
-The stable top-level keys (DESIGN.md) are promises to users' tooling: add keys, never rename them.
+The stable top-level keys (docs/results-schema.md) are promises to users' tooling: add keys, never rename them.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class ERLearner(AvalancheLearner):
 
     def before_train(self, template, ctx: FitContext) -> None:
         held = set(self.buffer_contents()[2].tolist())
-        if held and max(held) >= ctx.step - 1:  # the DESIGN rule: past tasks' data only
+        if held and max(held) >= ctx.step - 1:  # docs/protocol.md: past tasks' data only
             raise RuntimeError(f"replay buffer holds task ids {sorted(held)} while training task {ctx.step - 1}")
 
     def after_train(self, template, ctx: FitContext) -> None:
@@ -107,7 +107,7 @@ class ERLearner(AvalancheLearner):
     def fit_native(self, start: StateDict, ctx: FitContext) -> StateDict:
         self._native = True
         held = {t for t, _ in self.native_buffer()}
-        if held and max(held) >= ctx.step - 1:  # the DESIGN rule: past tasks' data only
+        if held and max(held) >= ctx.step - 1:  # docs/protocol.md: past tasks' data only
             raise RuntimeError(f"replay buffer holds task ids {sorted(held)} while training task {ctx.step - 1}")
         memory = [r for _, r in self.native_buffer()]
         adapter = ctx.adapter

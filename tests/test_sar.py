@@ -1,4 +1,4 @@
-"""SAR against an independent numpy oracle (float64, written from the definition in DESIGN.md)."""
+"""SAR against an independent numpy oracle (float64, written from the definition in docs/metrics.md)."""
 
 import json
 

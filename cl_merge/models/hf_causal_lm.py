@@ -1,6 +1,6 @@
 """Hugging Face causal language model (transformers ``AutoModelForCausalLM`` + its tokenizer).
 
-What the protocol, learners and mergers see (DESIGN.md, "One core for vision and language"):
+What the protocol, learners and mergers see (docs/extending.md, "A benchmark"):
 
 * **mergeable parameters**: every transformer weight except the token embeddings and the LM head
   (their SVDs are huge and MergeBench leaves them out); ``include_embeddings=True`` adds both. The
