@@ -217,7 +217,7 @@ class SARMeter:
                 if not path.exists():
                     raise UserError(f"SAR store {self.store_dir} lacks task {s}'s update ({path.name}); delete "
                                     f"{self.store_dir.parent} and rerun without --resume")
-                past.append(TensorSource(path))
+                past.append(TensorSource(path, verify=True))  # our own file: hashes checked
         writer = TensorWriter(self._path(step)) if self.store_dir is not None else None
         scores = [_TaskScore() for _ in range(len(past) + 1)]  # past tasks, then the current one
         ranks: List[int] = []

@@ -188,9 +188,10 @@ class DiskStorage(Storage):
             raise UserError(f"learner {learner.name} trains its experts; this benchmark streams experts from "
                             "checkpoints: use --learner checkpoint")
 
-    def _source(self, path, label, names=None, dtype: Optional[torch.dtype] = torch.float32) -> TensorSource:
+    def _source(self, path, label, names=None, dtype: Optional[torch.dtype] = torch.float32,
+                verify: Optional[bool] = None) -> TensorSource:
         return TensorSource(path, names=self.names if names is None else names, dtype=dtype, device=self.device,
-                            tracker=self.tracker, label=label)
+                            tracker=self.tracker, label=label, verify=verify)
 
     def theta0(self, adapter) -> TensorSource:
         if self._base is None:
@@ -255,8 +256,9 @@ class DiskStorage(Storage):
         for p in files.values():
             if not Path(p).exists():
                 raise UserError(f"checkpoint lacks {p}; delete {self.work_dir.parent} and rerun without --resume")
-        deployed = self._source(files["deployed"], "deployed (resumed)")
-        state = TensorSource(files["state"], device=self.device, tracker=self.tracker)
+        # written by this harness: every tensor is checked against its recorded content hash
+        deployed = self._source(files["deployed"], "deployed (resumed)", verify=True)
+        state = TensorSource(files["state"], device=self.device, tracker=self.tracker, verify=True)
         return deployed, state
 
     def discard(self, *stores) -> None:

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 
 from .errors import UserError
-from .io import temp_path
+from .io import DamagedFile, temp_path
 
 # safetensors dtype names <-> torch dtypes (the ones checkpoints use)
 _DTYPES = {
@@ -65,6 +65,22 @@ class LiveTensors:
     def reset_peak(self) -> None:
         with self._lock:
             self.peak = self.current
+
+
+#: metadata key of the per-tensor content hashes a TensorWriter records (JSON: name -> sha256 hex)
+TENSOR_HASH_KEY = "cl_merge.tensor_sha256"
+_NO_HASH = "0" * 64  # placeholder of the same length, while a header written first awaits its hashes
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """sha256 over one tensor's name, dtype, shape and bytes (as ``io.content_hash`` hashes each)."""
+    import hashlib
+
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def checkpoint_files(path: Path) -> Dict[str, Path]:
@@ -112,7 +128,10 @@ class TensorSource(Mapping):
     ``dtype``/``device`` convert on read. ``tracker`` counts the live bytes handed out."""
 
     def __init__(self, path: os.PathLike, names: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
-                 device: str = "cpu", tracker: Optional[LiveTensors] = None, label: Optional[str] = None):
+                 device: str = "cpu", tracker: Optional[LiveTensors] = None, label: Optional[str] = None,
+                 verify: Optional[bool] = None):
+        """``verify``: check each tensor read against the content hash its writer recorded. None
+        checks files that carry hashes (the harness's own); True also refuses a file without them."""
         self.path = Path(path)
         self.label = label or str(path)
         files = checkpoint_files(self.path)
@@ -127,6 +146,26 @@ class TensorSource(Mapping):
         self.device = device
         self.tracker = tracker
         self._handles: Dict[Path, object] = {}
+        self._verify = verify
+        self._digests: Dict[Path, Optional[Dict[str, str]]] = {}
+
+    def _expected_digest(self, file: Path, name: str) -> Optional[str]:
+        if self._verify is False:
+            return None
+        if file not in self._digests:
+            meta = self._handle(file).metadata() or {}
+            try:
+                self._digests[file] = json.loads(meta[TENSOR_HASH_KEY]) if TENSOR_HASH_KEY in meta else None
+            except ValueError:
+                raise DamagedFile(file, "unreadable content hashes") from None
+        digests = self._digests[file]
+        if digests is None:
+            if self._verify:
+                raise DamagedFile(file, "no content hash")
+            return None
+        if name not in digests:
+            raise DamagedFile(file, f"no content hash for {name}")
+        return digests[name]
 
     def _handle(self, file: Path):
         handle = self._handles.get(file)
@@ -140,6 +179,9 @@ class TensorSource(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         file = self._files[name]
         tensor = self._handle(file).get_tensor(name)
+        expected = self._expected_digest(file, name)
+        if expected is not None and tensor_digest(name, tensor) != expected:
+            raise DamagedFile(file, f"content hash mismatch in {name}")
         if self.dtype is not None or self.device != "cpu":
             tensor = tensor.to(device=self.device, dtype=self.dtype or tensor.dtype)
         return self.tracker.track(tensor) if self.tracker is not None else tensor
@@ -175,7 +217,9 @@ class TensorWriter:
         self._entries: Dict[str, dict] = {}
         self._written: set = set()
         self._layout = layout
+        self._digests: Dict[str, str] = {}
         if layout is not None:
+            self._digests = {name: _NO_HASH for name in layout}  # the header's size is fixed now
             offset = 0
             for name, (dtype, shape) in layout.items():
                 size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
@@ -195,8 +239,7 @@ class TensorWriter:
 
     def _header_bytes(self) -> bytes:
         header = dict(self._entries)
-        if self._metadata:
-            header["__metadata__"] = dict(self._metadata)
+        header["__metadata__"] = dict(self._metadata, **{TENSOR_HASH_KEY: json.dumps(self._digests, sort_keys=True)})
         raw = json.dumps(header, separators=(",", ":")).encode()
         return raw + b" " * ((-len(raw)) % 8)  # 8-byte alignment, padded with spaces as the format allows
 
@@ -204,6 +247,7 @@ class TensorWriter:
         if name in self._written:
             raise ValueError(f"tensor {name} written twice")
         data = tensor.detach().to("cpu").contiguous()
+        self._digests[name] = tensor_digest(name, data)
         raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
         if self._layout is not None:
             entry = self._entries.get(name)
@@ -229,6 +273,12 @@ class TensorWriter:
                 self.abort()
                 raise ValueError(f"{len(missing)} tensor(s) of {self.path.name} were never written, e.g. "
                                  f"{sorted(missing)[0]}")
+            head = self._header_bytes()  # now with the hashes: same length as the placeholder header
+            if 8 + len(head) != self._base:
+                self.abort()
+                raise ValueError(f"header of {self.path.name} changed size")
+            self._file.seek(8)
+            self._file.write(head)
             self._file.close()
         else:
             self._file.close()

@@ -9,7 +9,7 @@ from _settings import SMALL
 import torch
 
 from cl_merge.errors import UserError
-from cl_merge.io import load_tensors
+from cl_merge.streaming import TensorSource
 from cl_merge.sar import MergedBasis, SARMeter, energy_rank, layer_sar
 
 ENERGY = 0.95
@@ -163,8 +163,8 @@ def test_meter_with_storage_matches_the_oracle_over_seen_tasks(tmp_path, protoco
         if t > 1 and abs(buggy_step(task_deltas, dm) - got["sar"]) > 0.05:
             discriminated = True
     assert discriminated, "the synthetic stream should separate the right basis from an overwritten one"
-    # written tensor by tensor (the streaming writer, which records no content hash yet)
-    stored = load_tensors(tmp_path / "store" / "task-1.safetensors", verify=False)
+    # written tensor by tensor (the streaming writer records per-tensor content hashes, checked on read)
+    stored = dict(TensorSource(tmp_path / "store" / "task-1.safetensors", verify=True))
     assert set(stored) == {"w1", "w2"} and all(v.dtype == torch.bfloat16 for v in stored.values())
 
 

@@ -465,3 +465,34 @@ def test_sigterm_during_a_ray_grid_becomes_an_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_files_written_tensor_by_tensor_carry_per_tensor_hashes_checked_on_read(tmp_path):
+    """The streaming writer (disk parameter store, SAR store) records a content hash per tensor; a
+    flipped byte in the data is refused on read, with or without a layout written up front."""
+    import torch
+
+    from cl_merge.io import DamagedFile
+    from cl_merge.streaming import TensorSource, TensorWriter
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}
+    for layout in (None, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}):
+        path = tmp_path / f"f{layout is None}.safetensors"
+        with TensorWriter(path, layout=layout) as w:
+            for n, t in tensors.items():
+                w.add(n, t)
+        src = TensorSource(path, verify=True)
+        assert all(torch.equal(src[n], t) for n, t in tensors.items())
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0x10  # inside the last tensor's data
+        path.write_bytes(bytes(raw))
+        damaged = TensorSource(path)  # files that carry hashes are checked by default
+        with pytest.raises(DamagedFile, match="content hash mismatch"):
+            [damaged[n] for n in tensors]
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(foreign))
+    assert torch.equal(TensorSource(foreign)["a"], torch.zeros(2))  # someone else's file: nothing to check
+    with pytest.raises(DamagedFile, match="no content hash"):
+        TensorSource(foreign, verify=True)["a"]
