@@ -36,17 +36,11 @@ from typing import Literal, NamedTuple, Optional, Tuple
 
 import torch
 
+# the precision policy's constants live in one place (numerics): the float32 route is taken when
+# ε32 · λ_max/λ_min of the Gram matrix (= ε32·κ²) is at most FAST_PATH_BOUND
+from .numerics import EPS32, FAST_PATH_BOUND, float32_suffices, null_tolerance  # noqa: F401  (re-exported)
+
 Policy = Literal["auto", "float64"]
-
-#: the float32 route is taken when ε32 · λ_max/λ_min of the Gram matrix (= ε32·κ²) is at most this
-FAST_PATH_BOUND = 1e-5
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def null_tolerance(dtype: torch.dtype) -> float:
-    """Relative singular-value level below which a direction is treated as null."""
-    return 10.0 * torch.finfo(dtype).eps
-
 
 class GramEigh(NamedTuple):
     """Eigendecomposition of the Gram matrix of a tall matrix.
@@ -61,7 +55,7 @@ class GramEigh(NamedTuple):
     transposed: bool
 
 
-def _float32_may_do(gram: torch.Tensor) -> bool:
+def float32_may_do(gram: torch.Tensor) -> bool:
     """Cheap pre-check (Cholesky + a few inverse/power iterations) that spares the float32
     eigendecomposition on clearly ill-conditioned Gram matrices. Its κ² estimate is a lower bound, so
     the decisive test is still the one on the eigenvalues."""
@@ -78,7 +72,7 @@ def _float32_may_do(gram: torch.Tensor) -> bool:
         y = y / y.norm()
     lam_min = float(x.T @ gram @ x)
     lam_max = float(y.T @ gram @ y)
-    return lam_min > 0.0 and EPS32 * lam_max / lam_min <= FAST_PATH_BOUND
+    return lam_min > 0.0 and float32_suffices(lam_max / lam_min)
 
 
 def _well_conditioned(lam: torch.Tensor, last: int) -> bool:
@@ -105,7 +99,7 @@ def gram_eigh(mat: torch.Tensor, policy: Policy = "auto", rank: Optional[int] = 
     a32 = a.float()
     if policy == "auto":
         gram = a32.T @ a32
-        if rank is not None or _float32_may_do(gram):
+        if rank is not None or float32_may_do(gram):
             lam, vec = torch.linalg.eigh(gram)
             lam, vec = _descending(lam.double(), vec)
             if _well_conditioned(lam, last):

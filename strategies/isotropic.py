@@ -113,6 +113,7 @@ from cl_merge.merge_engine import MergePlan
 from cl_merge.merger import Merger
 from cl_merge.numerics import FAST_PATH_BOUND, float32_suffices, null_tolerance  # noqa: F401  (re-exported)
 from cl_merge.registry import register_merger
+from cl_merge.spectral import float32_may_do
 from cl_merge.tensor_kinds import Kind, RuleTable, flatten_conv, map_blocks, rule_for
 
 
@@ -123,26 +124,6 @@ def spectrum_factors(sigma: torch.Tensor, t: int, rank: int, rtol: float) -> tor
     mean = sigma.sum() / rank
     keep = sigma > rtol * sigma.max()
     return torch.where(keep, c + (1.0 - c) * mean / torch.where(keep, sigma, 1.0), 0.0)
-
-
-def _float32_may_do(gram: torch.Tensor) -> bool:
-    """Cheap pre-check (Cholesky + a few inverse/power iterations, O(n²) after the factorisation)
-    that spares the float32 eigendecomposition on Gram matrices that are clearly too ill-conditioned.
-    Its κ² estimate is a lower bound, so the decisive test is still the one on the eigenvalues."""
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        return False
-    n = gram.shape[-1]
-    x = torch.linspace(1.0, 2.0, n, dtype=gram.dtype, device=gram.device).unsqueeze(-1)  # any fixed, generic start
-    y = x.clone()
-    for _ in range(6):
-        x = torch.cholesky_solve(x, chol)
-        x = x / x.norm()
-        y = gram @ y
-        y = y / y.norm()
-    lam_min = float(x.T @ gram @ x)
-    lam_max = float(y.T @ gram @ y)
-    return lam_min > 0.0 and float32_suffices(lam_max / lam_min)
 
 
 def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) -> torch.Tensor:
@@ -158,7 +139,7 @@ def isotropic_matrix(mat: torch.Tensor, t: int, rtol: Optional[float] = None) ->
     lam = vec = None
     if work == torch.float32:
         gram = a.T @ a
-        if _float32_may_do(gram):
+        if float32_may_do(gram):
             lam, vec = torch.linalg.eigh(gram)
             if not (lam[0] > 0 and float32_suffices(float(lam[-1] / lam[0]))):
                 lam = vec = None
