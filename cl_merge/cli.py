@@ -214,29 +214,18 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import report
-    from .config import resolve
+    from .demo import demo_configs, run_demo
     from .io import write_text_atomic
-    from .registry import STRATEGIES
-    from .runner import execute
 
-    names = args.strategies or STRATEGIES.names()
-    # one intra-op thread per run: the mini model is too small to gain from more (results do not depend on it)
-    configs = [resolve("mini", strategy=name, order=args.order, seed=args.seed, overrides=["run.threads=1"])
-               for name in names]
+    configs = demo_configs(args.strategies, args.order, args.seed)
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     if jobs == 1 or len(configs) == 1:
-        results = []
-        for config in configs:
-            out.rule(config.label)
-            result, path = execute(config, out_dir=args.out, progress=not args.quiet)
-            _show(result, path)
-            results.append(result)
+        results = run_demo(configs, args.out, jobs, progress=not args.quiet,
+                           on_start=lambda config: out.rule(config.label), on_result=_show).results
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from .demo import run_parallel
 
         columns = [TextColumn(f"mini suite, {len(configs)} strategies in {jobs} processes"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn()]
@@ -247,7 +236,7 @@ def cmd_demo(args) -> int:
                 _show(result, path)
                 bar.advance(job)
 
-            results = run_parallel(configs, args.out, jobs, finished)
+            results = run_demo(configs, args.out, jobs, on_result=finished).results
     rows = report.rows(results)
     out.print(report.rich_table(rows, title="mini suite (ACC/BWT/FWT in %)"))
     write_text_atomic(args.out / "leaderboard.md", report.markdown(rows))
@@ -288,7 +277,7 @@ def cmd_leaderboard(args) -> int:
             counts, failed = outcome.counts, outcome.failed
             _ray_summary(outcome)
         else:
-            counts = lb.run_grid(configs, grid.out, progress=not args.quiet, console=out)
+            counts = lb.run_grid(configs, grid.out, progress=not args.quiet, console=out).counts
         out.print(f"{len(configs)} runs: {counts['ran']} ran now, {counts['finished_before']} had finished earlier"
                   + (f", {counts['failed']} failed" if counts.get("failed") else "")
                   + f" (results in {grid.out})", highlight=False)
