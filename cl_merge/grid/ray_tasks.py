@@ -77,7 +77,7 @@ def run_one(config: RunConfig, out_dir: str, cwd: Optional[str], threads: int,
     when given, returns a context manager entered around the run (tests inject faults with it)."""
     _enter(cwd, threads)
     import cl_merge  # noqa: F401
-    from ..checkpoint import Checkpointer
+    from ..step_checkpoint import Checkpointer
     from ..runner import execute
 
     out = Path(out_dir)
