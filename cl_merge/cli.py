@@ -8,7 +8,6 @@ task and quantity), 1 internal failure.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import List, Optional
 
 from rich.console import Console
 
-from .errors import UserError
+from .errors import GridFailed, UserError
 
 out = Console()
 err = Console(stderr=True)
@@ -127,11 +126,11 @@ def cmd_run(args) -> int:
     config = resolve(args.benchmark, strategy=args.strategy, learner=args.learner, merger=args.merger,
                      protocol=args.protocol, order=args.order, seed=args.seed, overrides=args.overrides)
     result, path = execute(config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
-    _show(result, path)
+    show_run(result, path)
     return 0
 
 
-def _show(result, path) -> None:
+def show_run(result, path) -> None:
     """A finished run: its accuracy matrix, then the summary line."""
     from .report import matrix_table
 
@@ -213,146 +212,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import report
-    from .config import resolve
-    from .io import write_text_atomic
-    from .registry import STRATEGIES
-    from .runner import execute
+    from .cli_grid import cmd_demo as run
 
-    names = args.strategies or STRATEGIES.names()
-    # one intra-op thread per run: the mini model is too small to gain from more (results do not depend on it)
-    configs = [resolve("mini", strategy=name, order=args.order, seed=args.seed, overrides=["run.threads=1"])
-               for name in names]
-    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
-    if jobs == 1 or len(configs) == 1:
-        results = []
-        for config in configs:
-            out.rule(config.label)
-            result, path = execute(config, out_dir=args.out, progress=not args.quiet)
-            _show(result, path)
-            results.append(result)
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from .demo import run_parallel
-
-        columns = [TextColumn(f"mini suite, {len(configs)} strategies in {jobs} processes"), BarColumn(),
-                   MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=out, disable=args.quiet) as bar:
-            job = bar.add_task("demo", total=len(configs))
-
-            def finished(result, path):
-                _show(result, path)
-                bar.advance(job)
-
-            results = run_parallel(configs, args.out, jobs, finished)
-    rows = report.rows(results)
-    out.print(report.rich_table(rows, title="mini suite (ACC/BWT/FWT in %)"))
-    write_text_atomic(args.out / "leaderboard.md", report.markdown(rows))
-    write_text_atomic(args.out / "leaderboard.csv", report.csv_text(rows))
-    out.print(f"wrote {len(results)} result files, leaderboard.md and leaderboard.csv to {args.out}")
-    return 0
+    return run(args)
 
 
 def cmd_leaderboard(args) -> int:
-    from . import leaderboard as lb
-    from .io import write_text_atomic
+    from .cli_grid import cmd_leaderboard as run
 
-    if args.address and args.engine != "ray":
-        raise UserError("--address is for --engine ray; add --engine ray or drop --address")
-    grid = lb.load_grid(args.config)
-    configs = lb.expand(grid)  # every name and override is checked before anything runs
-    reference, failed = None, {}
-    if any(c.benchmark in lb.REFERENCE_BENCHMARKS for c in configs):
-        if args.reference or lb.REFERENCE_TABLE.exists():
-            reference = lb.load_reference(args.reference or lb.REFERENCE_TABLE)
-        else:
-            out.print(f"[yellow]the paper's reference table is not at {lb.REFERENCE_TABLE} (not a source "
-                      "checkout?); pass --reference PATH to show it[/]")
-    markdown_path = args.markdown or grid.markdown
-    csv_path = args.csv or grid.csv
-    for target in (markdown_path, csv_path):
-        if target is not None and target.is_dir():
-            raise UserError(f"{target} is a directory; give a file path for the leaderboard")
-    if not args.report_only:
-        from .results import ensure_results_dir
-
-        ensure_results_dir(grid.out)
-        if args.engine == "ray":
-            from . import ray_engine
-
-            outcome = ray_engine.run_grid(configs, grid.out, resources=grid.ray, address=args.address,
-                                          progress=not args.quiet, console=out, where=f"grid {args.config}")
-            counts, failed = outcome.counts, outcome.failed
-            _ray_summary(outcome)
-        else:
-            counts = lb.run_grid(configs, grid.out, progress=not args.quiet, console=out)
-        out.print(f"{len(configs)} runs: {counts['ran']} ran now, {counts['finished_before']} had finished earlier"
-                  + (f", {counts['failed']} failed" if counts.get("failed") else "")
-                  + f" (results in {grid.out})", highlight=False)
-    results, missing = lb.collect(configs, grid.out)
-    if not results and failed:
-        raise _GridFailed(f"all {len(failed)} runs that ran failed (errors above); nothing to report")
-    if not results:
-        raise UserError(f"no results for any of the {len(configs)} runs of {args.config} under {grid.out}; "
-                        "run it without --report-only")
-    if missing:
-        out.print(f"[yellow]{len(missing)} of {len(configs)} runs have no results yet[/] (e.g. "
-                  f"{missing[0].run_id()}); rerun without --report-only to complete the grid")
-    rows = lb.aggregate(results, reference)
-    text = None
-    if grid.select:  # per strategy, the swept setting with the best validation accuracy; defaults beside it
-        chosen, choices = lb.select_by_validation(results)
-        defaults = lb.aggregate([r for r in results if r.get("run_id") in grid.default_run_ids], reference)
-        rows = lb.aggregate(chosen, reference)
-        lb.mark_tuned(rows, choices)
-        base_title = grid.title or f"leaderboard: {grid.benchmark}"
-        out.print(lb.rich_table(defaults, f"{base_title} — defaults"))
-        text = (lb.markdown(rows, f"{base_title} — tuned on validation ({grid.select}, test split never read "
-                                  "for the choice)", reference)
-                + "\n" + lb.markdown(defaults, f"{base_title} — defaults", reference))
-        grid_title = f"{base_title} — tuned on validation ({grid.select})"
-    else:
-        grid_title = grid.title
-    out.print(lb.rich_table(rows, grid_title))
-    for note in lb.footnotes(rows) + (lb.reference_notes(rows, reference) if reference else []):
-        out.print(f"  {note}", highlight=False)
-    if markdown_path:
-        write_text_atomic(markdown_path, text if text is not None else lb.markdown(rows, grid.title, reference))
-        out.print(f"markdown: {markdown_path}")
-    if csv_path:
-        write_text_atomic(csv_path, lb.csv_text(rows))
-        out.print(f"csv: {csv_path}")
-    if failed:
-        err.print(f"cl-merge: {len(failed)} of {len(configs)} runs failed (each error above, once); fix them and "
-                  "rerun the same command: finished runs are skipped", markup=False, highlight=False)
-        return 1
-    return 0
-
-
-class _GridFailed(Exception):
-    """Every run that ran failed: exit code 1 (the errors are already printed)."""
-
-
-def _ray_summary(outcome) -> None:
-    for run_id, error in outcome.failed.items():
-        n = outcome.attempts.get(run_id, 0)
-        err.print(f"cl-merge: run {run_id} failed after {n} attempt{'' if n == 1 else 's'}: {error}",
-                  markup=False, highlight=False, soft_wrap=True)
-    for run_id, step in outcome.resumed.items():
-        out.print(f"{run_id}: resumed from its step-{step} checkpoint "
-                  f"({outcome.attempts.get(run_id, 1)} attempts)", highlight=False)
-    if outcome.experts_planned:
-        saved = outcome.expert_uses - outcome.experts_planned
-        out.print(f"shared experts: {outcome.experts_planned} distinct for {outcome.expert_uses} run steps "
-                  f"({outcome.experts_trained} trained now, {outcome.experts_cached} already cached, "
-                  f"{len(outcome.experts_failed)} failed; {saved} trainings saved by sharing)"
-                  + (f"; {outcome.trained_in_runs} trained inside runs (not planned)" if outcome.trained_in_runs else ""),
-                  highlight=False)
-    if outcome.ran or outcome.failed:
-        out.print(f"Ray engine wall time {outcome.wall_s:.1f} s", highlight=False)
+    return run(args)
 
 
 def cmd_plot(args) -> int:
@@ -432,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # I/O failures are the user's to fix (permissions, space, a file in the way)
         err.print(f"cl-merge: error: {os_error_line(exc)}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except _GridFailed as exc:
+    except GridFailed as exc:
         err.print(f"cl-merge: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input: the message names the problem and the fix."""
+
+
+class GridFailed(Exception):
+    """Every run of a grid that ran failed (exit code 1; each error is already printed)."""

@@ -1,7 +1,7 @@
 """Where a task's expert comes from: the expert cache, training, or its checkpoint file.
 
 One place owns the rule for which experts are shared between runs (``shares_experts``) and how an
-expert is obtained (``ExpertProvider.get``), so the protocol loop, the figures (``plots.ExpertSource``)
+expert is obtained (``ExpertProvider.get``), so the protocol loop, the figures (``figure_experts.ExpertSource``)
 and the Ray engine's expert tasks produce the same expert for the same (θ0, task, learner, seed):
 
 * shared (the expert cache): independent protocol, a cacheable stateless learner, experts that are

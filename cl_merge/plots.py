@@ -25,7 +25,8 @@
   fine-tuned experts (the protocol's expert cache is reused). X_t = the first ``eval_n`` examples of
   task t's test split.
 
-Every PNG carries its title and axis labels in its metadata (``Title``, ``Description``), and is
+The numbers are computed in ``cl_merge.figure_data`` from experts of ``cl_merge.figure_experts``;
+this module draws them. Every PNG carries its title and axis labels in its metadata (``Title``, ``Description``), and is
 written to a temporary file first, then moved into place.
 """
 
@@ -37,13 +38,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .errors import UserError
-
-DEFAULT_CACHE = Path(".cl_merge_cache")
-GRID_LO, GRID_HI, GRID_N = -0.5, 1.5, 21
-AUTO_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+from .figure_data import (AUTO_ALPHAS, GRID_HI, GRID_LO, GRID_N, HIST_HI, HIST_LO,  # noqa: F401  (re-exported)
+                          choose_others_alpha, delta_hist_data, disentanglement_data, parse_alpha)
+from .figure_experts import DEFAULT_CACHE, ExpertSource  # noqa: F401  (re-exported)
 
 
 # ---- figures and files ----------------------------------------------------------------------------
@@ -209,98 +208,7 @@ def curves_figure(results: Sequence[Dict[str, Any]]):
     return fig
 
 
-# ---- experts through the protocol's machinery ---------------------------------------------------------
-class ExpertSource:
-    """θ0, the stream and independently fine-tuned experts for one benchmark, trained exactly like the
-    independent protocol trains them (same per-task seeds and expert-cache keys), so experts already
-    trained by leaderboard runs with the same cache directory are reused."""
-
-    def __init__(self, benchmark: str, learners: Sequence[str], order: Any = None, seed: int = 0,
-                 overrides: Sequence[str] = (), progress: bool = True):
-        from .config import instantiate, resolve
-        from .runner import resolve_device
-
-        self.benchmark_name, self.overrides = benchmark, list(overrides)
-        # every learner is resolved now, so a bad name or override fails before anything trains
-        configs = [resolve(benchmark, learner=name, merger="identity", protocol="independent", order=order,
-                           seed=seed, overrides=self.overrides) for name in learners]
-        for config in configs:
-            if instantiate(config)[1].stateful:
-                raise UserError(f"learner '{config.learner}' keeps state across tasks, but these figures fine-tune "
-                                "every task independently from θ0; use a stateless learner (see `cl-merge list`)")
-        base = configs[0]
-        bench, _, _, settings = instantiate(base)
-        self.settings, self.order, self.seed = settings, base.order, base.seed
-        self.cache_dir = Path(settings.cache_dir) if settings.cache_dir else DEFAULT_CACHE
-        self.progress = progress
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        device = resolve_device(settings.device)
-        self.adapter = bench.build_model(cache_dir=self.cache_dir, device=device,
-                                         eval_batch_size=settings.eval_batch_size)
-        self.stream = bench.build_stream(order=base.order, seed=base.seed)
-        for task in self.stream.tasks:
-            self.adapter.prepare(task)
-        self.theta0 = self.adapter.get_state()
-
-    def task_index(self, ref: str) -> int:
-        """0-based position of a task given by name or 1-based position in the stream."""
-        names = self.stream.names
-        if ref in names:
-            return names.index(ref)
-        if ref.isdigit() and 1 <= int(ref) <= len(names):
-            return int(ref) - 1
-        raise UserError(f"task '{ref}' is not in this stream; use a name or position 1..{len(names)}: "
-                        f"{', '.join(names)}")
-
-    def experts(self, learner_name: str, indices: Sequence[int]) -> Dict[int, Dict[str, torch.Tensor]]:
-        from .config import instantiate, resolve
-        from .expert_cache import ExpertCache
-        from .expert_provider import ExpertProvider
-        from .progress import Reporter
-
-        config = resolve(self.benchmark_name, learner=learner_name, merger="identity", protocol="independent",
-                         order=self.order, seed=self.seed, overrides=self.overrides)
-        _, learner, _, _ = instantiate(config)
-        cache = ExpertCache(self.cache_dir / "experts") if self.settings.expert_cache else None
-        out = {}
-        with Reporter(enabled=self.progress) as reporter:
-            provider = ExpertProvider(self.adapter, learner, learner_name, "independent", config.seed, cache, reporter)
-            for i in indices:
-                task = self.stream.tasks[i]
-                out[i], _ = provider.get(task, i + 1, self.theta0, label=f"{learner_name}: fine-tune {task.name}")
-        self.adapter.set_state(self.theta0)
-        return out
-
-
 # ---- |Δθ| histograms (Fig. 2) ----------------------------------------------------------------------
-HIST_LO, HIST_HI, HIST_PER_DECADE = -12.0, 1.0, 10  # log10 |Δθ| bins; values outside are clipped
-
-
-def delta_hist_data(source: ExpertSource, learners: Sequence[str], indices: Sequence[int]) -> Dict[str, Any]:
-    """Per learner and task: counts of log10 |expert − θ0| on fixed bins (no per-parameter arrays are
-    kept, so a full-size backbone fits), the median and the share of exactly unchanged parameters."""
-    bins = int((HIST_HI - HIST_LO) * HIST_PER_DECADE)
-    data: Dict[str, Any] = {"benchmark": source.benchmark_name, "order": source.order, "learners": {},
-                            "edges": np.linspace(HIST_LO, HIST_HI, bins + 1).tolist()}
-    for name in learners:
-        experts = source.experts(name, indices)
-        per_task = {}
-        for i in indices:
-            delta = torch.cat([(experts[i][k].float() - source.theta0[k].float()).abs().flatten().cpu()
-                               for k in source.theta0])
-            logs = torch.log10(delta[delta > 0]).clamp_(HIST_LO, HIST_HI)
-            per_task[source.stream.names[i]] = {
-                "counts": torch.histc(logs, bins=bins, min=HIST_LO, max=HIST_HI).tolist(),
-                "median": float(logs.median()) if logs.numel() else None,
-                "unchanged": 1.0 - logs.numel() / max(delta.numel(), 1),
-                "count": delta.numel(),
-            }
-            del delta, logs
-        data["learners"][name] = per_task
-    return data
-
-
 def delta_hist_figure(data: Dict[str, Any]):
     learners = list(data["learners"])
     edges = np.asarray(data["edges"])
@@ -328,99 +236,6 @@ def delta_hist_figure(data: Dict[str, Any]):
 
 
 # ---- weight disentanglement (Fig. 3 and 5, Eq. 13 and 35) -----------------------------------------------
-def _predict(adapter, state, dataset, task) -> torch.Tensor:
-    adapter.set_state(state)
-    return adapter.predict(dataset, task)
-
-
-def _combine(theta0, terms: Sequence[Tuple[float, Dict[str, torch.Tensor]]]) -> Dict[str, torch.Tensor]:
-    out = {k: v.clone() for k, v in theta0.items()}
-    for coef, tau in terms:
-        if coef:
-            for k in out:
-                out[k].add_(tau[k], alpha=coef)
-    return out
-
-
-def _subset(dataset, n: int):
-    from torch.utils.data import Subset
-
-    return Subset(dataset, range(min(n, len(dataset))))
-
-
-def choose_others_alpha(source: ExpertSource, taus: Dict[int, Dict[str, torch.Tensor]], eval_n: int,
-                        reporter) -> Tuple[float, Dict[float, float]]:
-    """The α in 0.1..1.0 whose θ0 + α Σ τ has the best mean validation accuracy over the stream."""
-    scores = {}
-    tasks = source.stream.tasks
-    total = _combine(source.theta0, [(1.0, tau) for tau in taus.values()])
-    summed = {k: total[k] - source.theta0[k] for k in total}
-    with reporter.task("choose α for the other tasks (validation)", total=len(AUTO_ALPHAS)) as bar:
-        for alpha in AUTO_ALPHAS:
-            source.adapter.set_state(_combine(source.theta0, [(alpha, summed)]))
-            accs = []
-            for task in tasks:
-                data = _subset(task.val, eval_n)
-                pred = source.adapter.predict(data, task)
-                labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
-                accs.append(float((pred == labels).float().mean()))
-            scores[alpha] = float(np.mean(accs))
-            bar.advance()
-    best = max(scores, key=lambda a: (scores[a], -a))
-    return best, scores
-
-
-def disentanglement_data(source: ExpertSource, learner: str, pair: Tuple[int, int], others: str,
-                         others_alpha: Optional[float], grid: int = GRID_N, eval_n: int = 128) -> Dict[str, Any]:
-    from .progress import Reporter
-
-    if not hasattr(source.adapter, "predict"):
-        raise UserError("the disentanglement plot needs a classifier model adapter (one with predict())")
-    a, b = pair
-    indices = list(range(len(source.stream))) if others == "fixed" else [a, b]
-    experts = source.experts(learner, indices)
-    taus = {i: {k: experts[i][k] - source.theta0[k] for k in source.theta0} for i in indices}
-    alphas = np.linspace(GRID_LO, GRID_HI, grid)
-    tasks = source.stream.tasks
-    data = {t: _subset(tasks[t].test, eval_n) for t in (a, b)}
-    with Reporter(enabled=source.progress) as reporter:
-        fixed_terms: List[Tuple[float, Dict[str, torch.Tensor]]] = []
-        scores = None
-        if others == "fixed":
-            if others_alpha is None:
-                others_alpha, scores = choose_others_alpha(source, taus, eval_n, reporter)
-            fixed_terms = [(others_alpha, taus[i]) for i in indices if i not in (a, b)]
-        fixed = _combine(source.theta0, fixed_terms)  # θ0 + F
-        refs: Dict[int, List[torch.Tensor]] = {}
-        with reporter.task("references θ0 + α_t τ_t + F", total=2 * grid) as bar:
-            for t in (a, b):
-                refs[t] = []
-                for alpha in alphas:
-                    refs[t].append(_predict(source.adapter, _combine(fixed, [(float(alpha), taus[t])]), data[t], tasks[t]))
-                    bar.advance()
-        xi = np.zeros((grid, grid))  # xi[i, j] = ξ(α1 = alphas[i], α2 = alphas[j])
-        with reporter.task(f"ξ on a {grid}×{grid} grid ({learner})", total=grid * grid) as bar:
-            for i, a1 in enumerate(alphas):
-                for j, a2 in enumerate(alphas):
-                    merged = _combine(fixed, [(float(a1), taus[a]), (float(a2), taus[b])])
-                    source.adapter.set_state(merged)
-                    value = 0.0
-                    for t, k in ((a, i), (b, j)):
-                        pred = source.adapter.predict(data[t], tasks[t])
-                        value += float((pred != refs[t][k]).float().mean())
-                    xi[i, j] = value
-                    bar.advance()
-    source.adapter.set_state(source.theta0)
-    return {"learner": learner, "benchmark": source.benchmark_name, "order": source.order,
-            "tasks": [tasks[a].name, tasks[b].name], "others": others,
-            "others_alpha": others_alpha if others == "fixed" else None, "others_alpha_scores": scores,
-            "other_tasks": [tasks[i].name for i in indices if i not in (a, b)] if others == "fixed" else [],
-            "alphas": alphas.tolist(), "xi": xi.tolist(), "eval_n": {tasks[t].name: len(data[t]) for t in (a, b)},
-            "definition": "xi[i][j] = sum over the two tasks of the share of test examples whose predicted label "
-                          "differs between theta0 + a1*tau1 + a2*tau2 + F and theta0 + a_t*tau_t + F; "
-                          "a1 = alphas[i], a2 = alphas[j]; F = 0 (absent) or others_alpha * sum of other tasks' tau"}
-
-
 def disentanglement_figure(panels: Sequence[Dict[str, Any]]):
     fig, axes = new_figure(5.6 * len(panels) + 1.5, 4.4, ncols=len(panels))
     vmax = max(max(max(row) for row in p["xi"]) for p in panels)
@@ -448,15 +263,3 @@ def disentanglement_figure(panels: Sequence[Dict[str, Any]]):
         others = "other tasks absent (Eq. 13)"
     set_title(fig, f"Weight disentanglement error ξ(α1, α2) — {p['tasks'][0]} + {p['tasks'][1]}, {others}")
     return fig
-
-
-def parse_alpha(text: str) -> Optional[float]:
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"--others-alpha must be 'auto' or a number; got {text!r}") from None
-    if not math.isfinite(value):
-        raise UserError(f"--others-alpha must be finite; got {text!r}")
-    return value

@@ -14,7 +14,7 @@ from filelock import FileLock, Timeout
 import torch
 
 from . import metrics
-from .checkpoint import Checkpointer
+from .step_checkpoint import Checkpointer
 from .config import STORAGE_SETTINGS, RunConfig, instantiate
 from .divergence import Diverged
 from .errors import UserError

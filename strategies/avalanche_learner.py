@@ -220,6 +220,22 @@ class AvalancheLearner(GradientLearner):
         self._experiences += 1
         return expert
 
+    # ---- the shared head of a subclass's saved state ---------------------------------------------
+    def _counter_state(self) -> Dict[str, Any]:
+        """The experience count, and a ``native`` mark when the state comes from ``fit_native``."""
+        state: Dict[str, Any] = {"experiences": torch.tensor([self._experiences])}
+        if getattr(self, "_native", False):
+            state["native"] = torch.tensor([1])
+        return state
+
+    def _load_counters(self, state: Dict[str, Any]) -> bool:
+        """Restores what ``_counter_state`` saved; True when the state comes from ``fit_native``."""
+        self._experiences = int(state["experiences"])
+        if "native" in state:
+            self._native = True
+            return True
+        return False
+
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, start: StateDict, ctx: FitContext) -> StateDict:
         self._check_budget()

@@ -144,10 +144,10 @@ class ERLearner(AvalancheLearner):
 
     def state_dict(self) -> Dict[str, Any]:
         if self._native:
-            return {"experiences": torch.tensor([self._experiences]), "native": torch.tensor([1]),
+            return {**self._counter_state(),
                     "native/buffer": encode_json([[[w, t, r] for w, t, r in grp] for grp in self._groups])}
         state: Dict[str, Any] = {
-            "experiences": torch.tensor([self._experiences]),
+            **self._counter_state(),
             "tasks": encode_json({str(i): [t.name, list(t.classnames), list(t.templates)]
                                   for i, t in self._tasks.items()}),
             "buffer/num_exps": torch.tensor([self.policy._num_exps]),
@@ -161,15 +161,12 @@ class ERLearner(AvalancheLearner):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not state:
             return
-        if "native" in state:
-            self._native = True
-            self._experiences = int(state["experiences"])
+        if self._load_counters(state):
             self._groups = [[(float(w), int(t), dict(r)) for w, t, r in grp]
                             for grp in decode_json(state["native/buffer"])]
             return
         from avalanche.training.storage_policy import ReservoirSamplingBuffer
 
-        self._experiences = int(state["experiences"])
         self._tasks = {int(i): task_stand_in(*meta) for i, meta in decode_json(state["tasks"]).items()}
         policy = self.policy
         policy._num_exps = int(state["buffer/num_exps"])

@@ -141,13 +141,13 @@ class EWCLearner(AvalancheLearner):
     # ---- state: saved parameters θ*_k and importances F_k, per experience k ------------------
     def state_dict(self) -> Dict[str, Any]:
         if self._native:
-            state = {"experiences": torch.tensor([self._experiences]), "native": torch.tensor([1])}
+            state = self._counter_state()
             for kind, store in (("params", self._saved), ("fisher", self._fisher)):
                 for exp, per_exp in store.items():
                     for name, data in per_exp.items():
                         state[f"native/{kind}/{exp}/{name}"] = data.detach().cpu().contiguous()
             return state
-        state: Dict[str, Any] = {"experiences": torch.tensor([self._experiences])}
+        state: Dict[str, Any] = self._counter_state()
         for kind, store in (("params", self.plugin.saved_params), ("fisher", self.plugin.importances)):
             for exp, per_exp in store.items():
                 for name, data in per_exp.items():
@@ -157,9 +157,7 @@ class EWCLearner(AvalancheLearner):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not state:
             return
-        if "native" in state:
-            self._native = True
-            self._experiences = int(state["experiences"])
+        if self._load_counters(state):
             self._saved.clear()
             self._fisher.clear()
             for key, tensor in state.items():
@@ -170,7 +168,6 @@ class EWCLearner(AvalancheLearner):
             return
         from avalanche.training.utils import ParamData
 
-        self._experiences = int(state["experiences"])
         plugin = self.plugin
         plugin.saved_params.clear()
         plugin.importances.clear()

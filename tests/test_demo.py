@@ -31,3 +31,18 @@ def test_worker_processes_give_the_results_of_one_process(tmp_path):
     assert parallel[1]["expert_source"] == ["cache"] * 3  # swa reused c-ta's experts
     single = [execute(c, out_dir=tmp_path / "single", progress=False)[0] for c in configs]
     assert [strip_volatile(r) for r in parallel] == [strip_volatile(r) for r in single]
+
+
+def test_one_process_demo_runs_every_config_afresh_in_order(tmp_path):
+    from cl_merge.demo import run_demo
+
+    configs = [resolve("mini", strategy=n, overrides=FAST + ["run.threads=1"]) for n in ("c-ta", "swa")]
+    started, finished = [], []
+    outcome = run_demo(configs, tmp_path, jobs=1, progress=False, on_start=lambda c: started.append(c.label),
+                       on_result=lambda r, p: finished.append(p.name))
+    assert started == ["c-ta", "swa"] and outcome.ran == 2 and not outcome.failed
+    assert [r["strategy"] for r in outcome.results] == ["c-ta", "swa"]
+    assert sorted(finished) == sorted(p.name for p in tmp_path.glob("*.json"))
+    again = run_demo(configs, tmp_path, jobs=1, progress=False)  # a demo never skips: both run again
+    assert again.ran == 2 and again.finished_before == 0
+    assert [strip_volatile(r) for r in again.results] == [strip_volatile(r) for r in outcome.results]

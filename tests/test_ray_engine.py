@@ -8,7 +8,10 @@ import shutil
 
 import pytest
 import ray
+import ray.cloudpickle
 import torch
+
+import _ray_faults
 
 from cl_merge import leaderboard as lb
 from cl_merge import ray_engine
@@ -47,6 +50,7 @@ def local_ray():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     ray.init(num_cpus=2, logging_level=logging.WARNING)
+    ray.cloudpickle.register_pickle_by_value(_ray_faults)  # the workers cannot import tests/
     yield
     ray.shutdown()
     torch.set_num_threads(before)
@@ -99,7 +103,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_with_the_same_results(gr
     marker = tmp_path / "killed"
     out = tmp_path / "runs"
     outcome = ray_engine.run_grid([config], out, resources=grids["grid"].ray, progress=False,
-                                  _kill_after={config.run_id(): (2, str(marker))})
+                                  around_run=_ray_faults.DieAfterStep(config.run_id(), 2, str(marker)))
     assert marker.read_text() == "killed after step 2\n"  # the first attempt died after step 2's checkpoint
     assert outcome.ran == 1 and not outcome.failed
     assert outcome.attempts[config.run_id()] == 2 and outcome.resumed[config.run_id()] == 2

@@ -24,7 +24,7 @@ from cl_merge.benchmark import Benchmark, fixed_or_seeded_order, permuted
 from cl_merge.registry import register_benchmark
 from cl_merge.task import Stream, Task, take_prefix
 
-from . import checkpoints as C
+from . import model_sources as C
 from ..scorer_versions import scorer_versions
 from .coding import CodingProtocol
 from .evaluation import EvalConfig, Evaluator, load_specs, summarize

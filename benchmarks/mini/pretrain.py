@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import cl_merge.torchvision_shim  # noqa: F401  (must precede the open_clip import)
 import open_clip
 
-from .data import ATTRIBUTE_PROMPTS, ATTRIBUTES, pretrain_corpus_with_meta
+from .captions import ATTRIBUTES, pretrain_corpus_with_meta
+from .data import ATTRIBUTE_PROMPTS
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "cl-merge-mini-vit"
