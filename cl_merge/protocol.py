@@ -112,9 +112,8 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         return evaluate_row(adapter, tasks, seen, eval_unseen, reporter, label,
                             before_task=lambda task: stream.set_phase(label, task.name))
 
-    if multitask and resume:
-        reporter.log("multitask runs keep no per-step checkpoint: the experts (and Fishers) come back from the "
-                     "expert cache, the merge and its evaluation are redone")
+    # multitask runs keep no per-step checkpoint: a resumed (re-run) one finds its experts and Fishers in
+    # the expert cache, written as each was made, and redoes only the merge and its evaluation
     resumed = None if multitask else load_optional(checkpointer, resume)
     if resumed is not None:
         done, record, tensors = resumed
