@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import Checkpointer, load_optional
 from .divergence import check_step
+from .errors import UserError
 from .expert_cache import ExpertCache
 from .expert_provider import ExpertProvider, fit_seed  # noqa: F401  (fit_seed: part of this module's API)
 from .learner import Learner
@@ -99,6 +100,10 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
     storage = storage or MemoryStorage()
     storage.check_run(protocol, learner)
     multitask = protocol == "multitask"
+    if getattr(merger, "needs_fisher", False) and type(adapter).per_sample_loss is ModelAdapter.per_sample_loss:
+        # before any expert is trained: the Fisher diagonal needs the adapter's functional per-sample loss
+        raise UserError(f"merger {merger.name} needs Fisher diagonals, but {type(adapter).__name__} has no "
+                        "per-sample loss; choose a merger that needs no Fisher (e.g. tsv_m, iso_c)")
     tasks = stream.tasks
     T = len(tasks)
     for task in tasks:
