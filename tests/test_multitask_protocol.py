@@ -128,3 +128,14 @@ def test_the_protocol_cuts_a_stacked_qkv_projection_into_q_k_v():
     for other in ("blocks.0.attn.in_proj_bias", "conv1.weight"):
         mean = sum(e[other] - base[other] for e in experts) / 2
         torch.testing.assert_close(merged[other], base[other] + mean, rtol=1e-6, atol=1e-6)
+
+
+def test_a_fisher_merger_is_refused_before_training_on_an_adapter_without_a_per_sample_loss(tmp_path, monkeypatch):
+    from cl_merge.models.base import ModelAdapter
+    from cl_merge.models.clip import ClipClassifier
+
+    monkeypatch.setattr(ClipClassifier, "per_sample_loss", ModelAdapter.per_sample_loss)
+    cfg = resolve("mini", strategy="epimer", overrides=list(TINY) + [f"run.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(UserError, match="needs Fisher diagonals"):
+        execute(cfg, out_dir=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists() and not list((tmp_path / "cache").glob("experts/*.safetensors"))
