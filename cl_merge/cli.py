@@ -16,6 +16,7 @@ from typing import List, Optional
 from rich.console import Console
 
 from .errors import GridFailed, UserError
+from .registry import PROTOCOLS
 
 out = Console()
 err = Console(stderr=True)
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy")
     r.add_argument("--learner")
     r.add_argument("--merger")
-    r.add_argument("--protocol", choices=["sequential", "independent"])
+    r.add_argument("--protocol", choices=list(PROTOCOLS))
     r.add_argument("--order", default=None, help="task order id (benchmark-specific)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, default=Path("results/runs"))
@@ -156,7 +157,7 @@ def _summary(result, path) -> None:
     out.print(f"results: {path}")
 
 
-SAR_SCOPE_LABELS = {"seen_tasks": "seen tasks", "current_task": "current task"}
+SAR_SCOPE_LABELS = {"seen_tasks": "seen tasks", "current_task": "current task", "all_tasks": "all tasks"}
 
 
 def _sar(result) -> str:
@@ -170,7 +171,7 @@ def _sar(result) -> str:
 def cmd_list(_args) -> int:
     from rich.table import Table
 
-    from .config import list_hyperparameters
+    from .config import list_hyperparameters, supported_protocols
     from .registry import BENCHMARKS, LEARNERS, MERGERS, STRATEGIES
 
     t = Table(title="strategies")
@@ -183,11 +184,14 @@ def cmd_list(_args) -> int:
     out.print(t)
     for title, registry in (("learners", LEARNERS), ("mergers", MERGERS), ("benchmarks", BENCHMARKS)):
         t = Table(title=title)
-        for c in ("name", "hyperparameters", "description"):
+        columns = ("name", "protocols", "hyperparameters", "description") if registry is MERGERS else \
+            ("name", "hyperparameters", "description")
+        for c in columns:
             t.add_column(c)
         for name in registry.names():
             cls = registry.get(name)
-            t.add_row(name, " ".join(list_hyperparameters(cls)), cls.description)
+            protocols = [", ".join(supported_protocols(cls))] if registry is MERGERS else []
+            t.add_row(name, *protocols, " ".join(list_hyperparameters(cls)), cls.description)
         out.print(t)
     return 0
 

@@ -124,9 +124,10 @@ def resolve(benchmark: str, strategy: Optional[str] = None, learner: Optional[st
     elif not (learner and merger):
         raise UserError("name a strategy (--strategy NAME) or both --learner NAME and --merger NAME")
     learner_cls, merger_cls = LEARNERS.get(learner), MERGERS.get(merger)
-    protocol = protocol or ("sequential" if merger == "identity" else "independent")
+    protocol = protocol or default_protocol(merger, merger_cls)
     if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol '{protocol}'; use sequential or independent")
+        raise UserError(f"unknown protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}")
+    check_protocol(merger, merger_cls, protocol)
 
     classes = {"learner": learner_cls, "merger": merger_cls, "benchmark": bench_cls, "run": RunSettings}
     fields = {s: c.hyperparameters() for s, c in classes.items()}
@@ -152,6 +153,26 @@ def resolve(benchmark: str, strategy: Optional[str] = None, learner: Optional[st
         learner_params=built["learner"].config(), merger_params=built["merger"].config(),
         benchmark_params=built["benchmark"].config(), run_params=built["run"].config(),
     )
+
+
+def supported_protocols(merger_cls) -> tuple:
+    """The protocols a merger declares (``Merger.protocols`` / ``MultiTaskMerger.protocols``)."""
+    return tuple(getattr(merger_cls, "protocols", ("sequential", "independent")))
+
+
+def default_protocol(merger: str, merger_cls) -> str:
+    if merger == "identity":
+        return "sequential"
+    supported = supported_protocols(merger_cls)
+    return "independent" if "independent" in supported else supported[0]
+
+
+def check_protocol(merger: str, merger_cls, protocol: str) -> None:
+    """One line, before anything is created, when the merger does not support the protocol."""
+    supported = supported_protocols(merger_cls)
+    if protocol not in supported:
+        raise UserError(f"merger {merger} does not support the {protocol} protocol; it supports "
+                        f"{', '.join(supported)} (use --protocol {supported[0]})")
 
 
 def resolve_order(bench, benchmark: str, order: Any) -> Any:

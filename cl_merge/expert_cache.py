@@ -109,6 +109,37 @@ class ExpertCache:
         finally:
             self._release(key)
 
+    # ---- what is derived from an expert, stored beside it (e.g. its Fisher diagonal) -------------------
+    def _side_path(self, key: str, tag: str) -> Path:
+        return self.directory / f"{key}.{tag}.safetensors"
+
+    def get_side(self, key: str, tag: str) -> Optional[StateDict]:
+        """The tensors stored beside expert ``key`` under ``tag``, or None (a damaged or mismatched file
+        is removed with one warning line and recomputed by the caller)."""
+        path = self._side_path(key, tag)
+        try:
+            state = load_tensors(path)
+        except FileNotFoundError:
+            return None
+        except DamagedFile as exc:
+            warn(f"cached {tag} {path} cannot be used ({exc.reason}); computing it again")
+            path.unlink(missing_ok=True)
+            return None
+        why = None
+        if self.expected is not None:  # names and shapes (a Fisher is float32 whatever the weights' dtype)
+            why = layout_mismatch(state, {k: (shape, state[k].dtype if k in state else None)
+                                          for k, (shape, _) in self.expected.items()})
+        if why is not None:
+            warn(f"cached {tag} {path} cannot be used ({why}); computing it again")
+            path.unlink(missing_ok=True)
+            return None
+        return state
+
+    def put_side(self, key: str, tag: str, state: StateDict) -> None:
+        if first_non_finite(state) is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_tensors_atomic(self._side_path(key, tag), state)
+
     def _release(self, key: str) -> None:
         lock = self._held.pop(key, None)
         if lock is not None:

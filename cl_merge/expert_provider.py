@@ -4,8 +4,8 @@ One place owns the rule for which experts are shared between runs (``shares_expe
 expert is obtained (``ExpertProvider.get``), so the protocol loop, the figures (``figure_experts.ExpertSource``)
 and the Ray engine's expert tasks produce the same expert for the same (θ0, task, learner, seed):
 
-* shared (the expert cache): independent protocol, a cacheable stateless learner, experts that are
-  trained (not opened from files) and the cache switched on. Independent experts do not depend on
+* shared (the expert cache): independent or multitask protocol (both train every expert from θ0),
+  a cacheable stateless learner, experts that are trained (not opened from files) and the cache switched on. Independent experts do not depend on
   their position in the stream, so the fit seed depends only on (run seed, task name);
 * otherwise the learner trains from ``start`` with the per-step seed ``fit_seed``.
 """
@@ -21,17 +21,21 @@ from .params import StateDict, clone
 from .progress import Reporter
 from .task import Task
 
+#: protocols whose experts are all fine-tuned from θ0, independent of their position in the stream:
+#: they share fit seeds and expert-cache entries
+INDEPENDENT_EXPERTS = ("independent", "multitask")
+
 
 def fit_seed(seed: int, task: Task, step: int, protocol: str) -> int:
     """Per-fit seed from stable ingredients, so a resumed run and an uninterrupted one draw the same
     batches. Independent experts do not depend on their position (that is what makes them cacheable)."""
-    position = 0 if protocol == "independent" else step
+    position = 0 if protocol in INDEPENDENT_EXPERTS else step
     return zlib.crc32(f"{seed}:{task.name}:{position}".encode()) & 0x7FFFFFFF
 
 
 def shares_experts(protocol: str, learner_cls, parameter_store: str = "memory", cache_enabled: bool = True) -> bool:
     """Whether a run's experts go through the expert cache (and so are shared with other runs)."""
-    return (protocol == "independent" and learner_cls.cacheable and not learner_cls.stateful
+    return (protocol in INDEPENDENT_EXPERTS and learner_cls.cacheable and not learner_cls.stateful
             and not learner_cls.opens_experts and parameter_store != "disk" and bool(cache_enabled))
 
 

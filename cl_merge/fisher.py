@@ -138,3 +138,30 @@ def fisher_diagonal(adapter, task, params: Optional[StateDict] = None,
     est = empirical_fisher(loss, params, batches, chunk_size=settings.chunk_size)
     return est._replace(diagonal={k: v.cpu() for k, v in est.diagonal.items()})
 
+
+
+def cache_tag(settings: FisherSettings) -> str:
+    """Name of an expert's Fisher file in the expert cache: the settings that change the estimate
+    (not ``chunk_size`` / ``batch_size``, which only change how it is computed)."""
+    import hashlib
+    import json
+
+    what = {k: v for k, v in settings.config().items() if k not in ("chunk_size", "batch_size")}
+    return "fisher-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expert_fisher(adapter, task, expert: StateDict, settings: FisherSettings, cache=None,
+                  cache_key: Optional[str] = None):
+    """(Fisher diagonal of ``expert`` on ``task``, samples, seconds, source): read from beside the
+    expert in the expert cache when it is there ("cache"), else estimated ("computed") and stored
+    there. ``cache`` is an ``ExpertCache`` (None: nothing is cached)."""
+    tag = cache_tag(settings)
+    if cache is not None and cache_key is not None:
+        cached = cache.get_side(cache_key, tag)
+        if cached is not None:
+            n = len(task.train)
+            return cached, min(n, max(settings.min_samples, math.ceil(settings.fraction * n))), 0.0, "cache"
+    est = fisher_diagonal(adapter, task, params=expert, settings=settings)
+    if cache is not None and cache_key is not None:
+        cache.put_side(cache_key, tag, est.diagonal)
+    return est.diagonal, est.samples, est.seconds, "computed"

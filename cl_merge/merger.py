@@ -16,7 +16,7 @@ Notation: θ0 = ``base``, τ_t = expert − start, M_t = deployed_t − θ0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,11 @@ from .store import MemoryStore, MemoryWriter
 
 @dataclasses.dataclass
 class Merger(Component):
+    #: the protocols this rule supports (``cl_merge.registry.PROTOCOLS``). A rule whose final state under
+    #: the independent protocol is its all-at-once merge (task arithmetic, SWA, MagMax) adds "multitask":
+    #: the multitask protocol then applies it expert by expert in memory (``multitask_merge.merge_at_once``).
+    protocols: ClassVar[Tuple[str, ...]] = ("sequential", "independent")
+
     # ---- the rule --------------------------------------------------------------------------------
     def plan(self, step: int, context: MergeContext) -> MergePlan:
         """Whole-model values this step needs (default: none, a purely tensor-wise rule)."""

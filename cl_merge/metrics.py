@@ -19,6 +19,38 @@ CONVENTIONS = {
     "acc_matrix": "row t = after step t (row 0 = pre-trained), column i-1 = task i, in [0, 1]",
 }
 
+#: the multitask protocol (every expert merged in one call, docs/protocol.md): the matrix has two rows
+CONVENTIONS_MULTITASK = {
+    "acc": "mean_i A[1][i] over all T tasks (row 1 = the merged model)",
+    "bwt": "null: no model is deployed after each task, so there is no A[i][i] to forget from; "
+           "the gap to each expert is normalized_acc",
+    "fwt": "null: no model sits between tasks",
+    "normalized_acc": "mean_i A[1][i] / expert_acc[i]",
+    "acc_matrix": "two rows: row 0 = pre-trained, row 1 = the merged model; column i-1 = task i, in [0, 1]",
+    "sar": "one entry: the mean over all T tasks of SAR(expert_i - θ0, merged - θ0); per task in sar_per_task[0]",
+}
+
+
+def conventions(protocol: str) -> dict:
+    """The metric conventions a result of ``protocol`` records."""
+    return dict(CONVENTIONS_MULTITASK) if protocol == "multitask" else dict(CONVENTIONS)
+
+
+def summary(matrix: Matrix, expert_acc: Sequence[float], protocol: str) -> dict:
+    """acc, bwt, fwt, normalized_acc (mean and per task) of a run under ``protocol``."""
+    if protocol == "multitask":
+        if len(matrix) != 2 or len(matrix[1]) != len(expert_acc):
+            raise ValueError("a multitask accuracy matrix has two rows (θ0, merged) of T columns")
+        final = matrix[1]
+        values = [v for v in final if v is not None]
+        per_task = [v / e if (e and v is not None) else None for v, e in zip(final, expert_acc)]
+        kept = [v for v in per_task if v is not None]
+        return {"acc": sum(values) / len(values) if values else None, "bwt": None, "fwt": None,
+                "normalized_acc": sum(kept) / len(kept) if kept else None, "normalized_acc_per_task": per_task}
+    return {"acc": acc(matrix), "bwt": bwt(matrix), "fwt": fwt(matrix),
+            "normalized_acc": mean_normalized_accuracy(matrix, expert_acc),
+            "normalized_acc_per_task": normalized_accuracy(matrix, expert_acc)}
+
 
 def _T(matrix: Matrix) -> int:
     T = len(matrix) - 1

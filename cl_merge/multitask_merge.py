@@ -3,7 +3,7 @@
 The multi-task mergers (ISO-C, ISO-CTS, TSV-M, Fisher averaging, DARE, EpiMer) are defined for this
 setting. Each is a ``MultiTaskMerger``: declared hyperparameters (a ``Component``) and
 
-    merge_all(base, experts, *, fishers=None, matrix=None) -> merged state
+    merge_all(base, experts, *, fishers=None, matrix=None, blocks=None) -> merged state
 
 built from two per-tensor rules on the task vectors δ_t = expert_t − θ0 of one tensor:
 
@@ -12,8 +12,12 @@ built from two per-tensor rules on the task vectors δ_t = expert_t − θ0 of o
 
 Both return the tensor's merged update Δ (scaling included); the merged weight is θ0 + Δ. Which
 tensors are matrices is the ``matrix(name, tensor)`` predicate (default: 2-D, ``params.is_matrix``);
-splitting a stacked q/k/v projection into its blocks is the caller's business (call ``merge_matrix``
-on each block). Whole-model reductions a merger needs before its per-tensor rule (Fisher norms,
+for the tensors where ``blocks(name, tensor)`` holds (a stacked q/k/v projection), ``merge_matrix``
+runs on each of the three row blocks (``tensor_kinds.split_qkv``) and the results are restacked.
+The protocol loop passes ``kind_matrix`` / ``kind_blocks``: the rule table ``RULES`` over
+``cl_merge.tensor_kinds`` (2-D weights and the 2-D positional embedding are matrices, open_clip's
+``in_proj_weight`` is cut into q, k, v as the d × d matrices of HF CLIP that FusionBench merges; conv1,
+the class token, biases and norms take ``merge_other``). Whole-model reductions a merger needs before its per-tensor rule (Fisher norms,
 TIES' global trim threshold) are computed inside ``merge_all`` and named in each merger's docstring.
 
 Inputs are checked first (same names and shapes everywhere, a Fisher diagonal per expert where the
@@ -30,12 +34,27 @@ import torch
 from .components import Component
 from .errors import UserError
 from .params import StateDict, is_matrix
+from .tensor_kinds import Kind, join_qkv, rule_for, split_qkv
 
 MatrixPredicate = Callable[[str, torch.Tensor], bool]
+
+#: which tensors the multitask mergers treat as matrices (module doc): "matrix", "blocks" (q, k, v), "other"
+RULES = {Kind.QKV: "blocks", Kind.MATRIX: "matrix", Kind.POSITIONAL: "matrix", Kind.CONV: "other",
+         Kind.EMBEDDING: "other", Kind.NORM: "other", Kind.BIAS: "other", Kind.OTHER: "other"}
 
 
 def default_matrix(name: str, tensor: torch.Tensor) -> bool:
     return is_matrix(tensor)
+
+
+def kind_matrix(name: str, tensor: torch.Tensor) -> bool:
+    """``RULES``: matrices (q/k/v included) get the merger's matrix rule."""
+    return rule_for(name, tensor, RULES) in ("matrix", "blocks")
+
+
+def kind_blocks(name: str, tensor: torch.Tensor) -> bool:
+    """``RULES``: a stacked q/k/v projection is merged block by block."""
+    return rule_for(name, tensor, RULES) == "blocks"
 
 
 def check_inputs(base: StateDict, experts: Sequence[StateDict], fishers: Optional[Sequence[StateDict]],
@@ -100,7 +119,8 @@ class MultiTaskMerger(Component):
 
     def merge_all(self, base: StateDict, experts: List[StateDict], *,
                   fishers: Optional[List[StateDict]] = None,
-                  matrix: Optional[MatrixPredicate] = None) -> StateDict:
+                  matrix: Optional[MatrixPredicate] = None,
+                  blocks: Optional[MatrixPredicate] = None) -> StateDict:
         check_inputs(base, experts, fishers, self.needs_fisher, self.name)
         matrix = matrix or default_matrix
         self.prepare(base, experts, fishers)
@@ -109,9 +129,23 @@ class MultiTaskMerger(Component):
             dtype = work_dtype(b)
             deltas = [e[name].to(dtype) - b.to(dtype) for e in experts]
             fs = None if fishers is None else [f[name].to(dtype) for f in fishers]
-            rule = self.merge_matrix if matrix(name, b) else self.merge_other
-            out[name] = (b.to(dtype) + rule(deltas, fs, name=name)).to(b.dtype)
+            if blocks is not None and blocks(name, b):
+                update = self._merge_blocks(deltas, fs, name)
+            else:
+                rule = self.merge_matrix if matrix(name, b) else self.merge_other
+                update = rule(deltas, fs, name=name)
+            out[name] = (b.to(dtype) + update).to(b.dtype)
         return out
+
+    def _merge_blocks(self, deltas, fishers, name: str) -> torch.Tensor:
+        """``merge_matrix`` on the q, k and v row blocks, restacked (blocks named ``name[q]`` etc.)."""
+        d_blocks = [split_qkv(d) for d in deltas]
+        f_blocks = None if fishers is None else [split_qkv(f) for f in fishers]
+        parts = []
+        for i, p in enumerate("qkv"):
+            fs = None if f_blocks is None else [f[i] for f in f_blocks]
+            parts.append(self.merge_matrix([d[i] for d in d_blocks], fs, name=f"{name}[{p}]"))
+        return join_qkv(*parts)
 
     def prepare(self, base: StateDict, experts: List[StateDict], fishers: Optional[List[StateDict]]) -> None:
         """Whole-model reductions before the per-tensor rules (none by default)."""
@@ -124,3 +158,21 @@ class MultiTaskMerger(Component):
                     name: str = "") -> torch.Tensor:
         raise NotImplementedError
 
+
+
+def merge_at_once(merger, base: StateDict, experts: List[StateDict], *,
+                  fishers: Optional[List[StateDict]] = None) -> StateDict:
+    """The multitask protocol's one merge: ``merge_all`` of a ``MultiTaskMerger`` with the tensor-kind
+    rule (``kind_matrix`` / ``kind_blocks``), or, for a continual rule that declares "multitask"
+    (``Merger.protocols``), that rule applied expert by expert in memory with start = θ0 (its
+    independent-protocol final state, which for task arithmetic, SWA and MagMax is the all-at-once
+    merge: θ0 + α Σ_t δ_t, mean_t θ_t, θ0 + α · max-magnitude_t δ_t)."""
+    if isinstance(merger, MultiTaskMerger):
+        return merger.merge_all(base, experts, fishers=fishers, matrix=kind_matrix, blocks=kind_blocks)
+    if "multitask" not in getattr(merger, "protocols", ()):
+        raise UserError(f"merger {merger.name} does not support the multitask protocol")
+    merger.reset()
+    deployed = base
+    for t, expert in enumerate(experts, start=1):
+        deployed = merger.merge(base, deployed, expert, base, t)
+    return deployed

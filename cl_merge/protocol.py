@@ -9,6 +9,13 @@
         row t ← evaluate(deployed, every task)     (unseen cells null if run.eval_unseen=false)
         checkpoint(t)
 
+    multitask protocol (every expert from θ0, one merge; docs/protocol.md):
+    for t, task in stream:
+        expert_t ← learner.fit(θ0, task)   (or the expert cache, shared with the independent runs)
+        fisher_t ← Fisher diagonal of expert_t   (mergers that need one; cached beside the expert)
+    deployed ← merge_at_once(merger, θ0, experts, fishers)
+    sar ← SAR(expert_t − θ0, deployed − θ0) for every task;  row 1 ← evaluate(deployed, every task)
+
 Every state lives in a parameter store (``cl_merge.store``): in memory by default, tensor by tensor on
 disk when the benchmark asks for it (MergeBench). The loop, the merge executor and SAR read and write
 stores one tensor at a time, so the algorithm, the record and the results are the same on both.
@@ -23,14 +30,17 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .checkpoint import Checkpointer, load_optional
 from .divergence import check_step
+from .errors import UserError
 from .expert_cache import ExpertCache
 from .expert_provider import ExpertProvider, fit_seed  # noqa: F401  (fit_seed: part of this module's API)
 from .learner import Learner
 from .merge_engine import MergeContext, StepInputs, merge_step, spec_of, split_state
 from .merger import Merger
+from .multitask_merge import merge_at_once
 from .models.base import ModelAdapter
 from .progress import Reporter
-from .sar import SARMeter
+from .fisher import FisherSettings, expert_fisher
+from .sar import MergedBasis, SARMeter, mean_or_none
 from .store import MemoryStorage, Storage
 from .task import Stream, Task
 
@@ -89,19 +99,27 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
                  storage: Optional[Storage] = None) -> Dict[str, Any]:
     storage = storage or MemoryStorage()
     storage.check_run(protocol, learner)
+    multitask = protocol == "multitask"
+    if getattr(merger, "needs_fisher", False) and type(adapter).per_sample_loss is ModelAdapter.per_sample_loss:
+        # before any expert is trained: the Fisher diagonal needs the adapter's functional per-sample loss
+        raise UserError(f"merger {merger.name} needs Fisher diagonals, but {type(adapter).__name__} has no "
+                        "per-sample loss; choose a merger that needs no Fisher (e.g. tsv_m, iso_c)")
     tasks = stream.tasks
     T = len(tasks)
     for task in tasks:
         adapter.prepare(task)
     theta0 = storage.theta0(adapter)
     names = list(theta0)
-    merger.reset()
+    if not multitask:
+        merger.reset()
 
     def evaluate(label: str, seen: int) -> List[Optional[float]]:
         return evaluate_row(adapter, tasks, seen, eval_unseen, reporter, label,
                             before_task=lambda task: stream.set_phase(label, task.name))
 
-    resumed = load_optional(checkpointer, resume)
+    # multitask runs keep no per-step checkpoint: a resumed (re-run) one finds its experts and Fishers in
+    # the expert cache, written as each was made, and redoes only the merge and its evaluation
+    resumed = None if multitask else load_optional(checkpointer, resume)
     if resumed is not None:
         done, record, tensors = resumed
         deployed, state = storage.restore(record, tensors)
@@ -126,9 +144,10 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
     record["mergeable_bytes"] = sum(math.prod(spec_of(theta0, n)[1]) * 4 for n in names)
 
     experts = ExpertProvider(adapter, learner, learner_name, protocol, seed, cache, reporter, storage.kind)
+    gathered = Gathered() if multitask else None  # multitask: every expert, merged once after the loop
     for t in range(done + 1, T + 1):
         task = tasks[t - 1]
-        start = theta0 if protocol == "independent" else deployed
+        start = deployed if protocol == "sequential" else theta0
         t_fit = time.perf_counter()
         if storage.experts_from_files:
             expert, source = storage.open_expert(learner, task, names)
@@ -142,6 +161,15 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
             stream.set_phase(f"expert {t}", task.name)
             expert_acc = adapter.evaluate(task)
         eval_s = time.perf_counter() - t_eval
+        if gathered is not None:
+            check_step(t, task.name, expert, expert)
+            gathered.add(expert, expert_acc, source, fit_s, eval_s)
+            if getattr(merger, "needs_fisher", False):
+                gathered.add_fisher(*expert_fisher(adapter, task, expert, fisher_settings(merger, seed),
+                                                   experts.cache, experts.cache_key(task, t)
+                                                   if experts.cache is not None else None))
+            reporter.log(f"expert {t}/{T} {task.name}: {_fmt(expert_acc)} ({source})")
+            continue
 
         # mergers that pick a hyperparameter on data (e.g. isotropic's alpha_grid) score candidate
         # states on the current task's validation split, never its test split
@@ -181,9 +209,89 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         deployed, state = result.deployed, result.state
         reporter.log(f"step {t}/{T} {task.name}: expert {_fmt(expert_acc)}, deployed on it {_fmt(row[t - 1])}"
                      f" ({source})")
+    if gathered is not None:
+        deployed = gathered.merge(merger, adapter, theta0, tasks, sar, record, evaluate)
+        reporter.log(f"multitask merge of {T} experts: ACC {_fmt(sum(record['acc_matrix'][-1]) / T)}")
     adapter.set_state(deployed)
     record["deployed"] = deployed
     return record
+
+
+def fisher_settings(merger, seed: int) -> FisherSettings:
+    """How the Fisher diagonals of a merger that needs them are estimated (its ``fisher_*`` fields)."""
+    return FisherSettings(fraction=getattr(merger, "fisher_fraction", FisherSettings.fraction),
+                          min_samples=getattr(merger, "fisher_min_samples", FisherSettings.min_samples), seed=seed)
+
+
+class Gathered:
+    """The multitask protocol's experts (and Fishers), then its one merge and its record (module doc).
+
+    Record convention (docs/protocol.md): ``acc_matrix`` = [row 0 (θ0), the merged model's row];
+    ``expert_acc`` / ``expert_source`` one entry per task; every other per-step list one entry, the merge."""
+
+    def __init__(self):
+        self.experts: List[Dict[str, Any]] = []
+        self.record_expert: List[tuple] = []  # (expert_acc, expert_source) per task
+        self.fishers: List[Dict[str, Any]] = []
+        self.fisher_info: Dict[str, list] = {"fisher_samples": [], "fisher_s": [], "fisher_source": []}
+        self.fit_s = self.eval_s = 0.0
+
+    def add(self, expert, expert_acc: float, source: str, fit_s: float, eval_s: float) -> None:
+        self.experts.append(dict(expert))
+        self.record_expert.append((expert_acc, source))
+        self.fit_s += fit_s
+        self.eval_s += eval_s
+
+    def add_fisher(self, diagonal, samples, seconds, source) -> None:
+        self.fishers.append(diagonal)
+        for key, value in zip(self.fisher_info, (samples, seconds, source)):
+            self.fisher_info[key].append(value)
+
+    def merge(self, merger, adapter: ModelAdapter, theta0, tasks: List[Task], sar: Optional[SARMeter],
+              record: Dict[str, Any], evaluate: Callable[[str, int], List[Optional[float]]]):
+        T = len(tasks)
+        t0 = time.perf_counter()
+        merged = merge_at_once(merger, dict(theta0), self.experts, fishers=self.fishers or None)
+        merge_s = time.perf_counter() - t0
+        check_step(T, "multitask merge", merged, merged)
+
+        t_sar = time.perf_counter()
+        sar_step: Dict[str, Any] = {}
+        if sar is not None:  # every task's own update against the one merged model
+            basis = MergedBasis.from_states(merged, theta0, sar.energy, sar.table)
+            scores = [basis.score({n: e[n] - theta0[n] for n in basis.parameters}) for e in self.experts]
+            ranks = list(basis.ranks.values())
+            sar_step = {"per_task": [s.value for s in scores], "sar": mean_or_none([s.value for s in scores]),
+                        "current": None, "skipped_layers": sum(s.skipped for s in scores),
+                        "rank_mean": sum(ranks) / len(ranks) if ranks else None}
+        sar_s = time.perf_counter() - t_sar
+
+        t_eval = time.perf_counter()
+        merged = MemoryStorage().wrap(merged)
+        adapter.set_state(merged)
+        row = evaluate("evaluate the merged model", T)
+        eval_s = self.eval_s + time.perf_counter() - t_eval
+
+        merge_record = dict(self.fisher_info) if self.fishers else {}
+        diagnostics = getattr(merger, "diagnostics", None)
+        if diagnostics:  # EpiMer's η = cᵀH̄⁻¹c per matrix (its module doc): the mean over matrices
+            merge_record["epimer_eta_mean"] = sum(diagnostics.values()) / len(diagnostics)
+        for acc, source in self.record_expert:
+            record["expert_acc"].append(acc)
+            record["expert_source"].append(source)
+        record["acc_matrix"].append(row)
+        record["sar"].append(sar_step.get("sar"))
+        record["sar_current"].append(sar_step.get("current"))
+        record["sar_per_task"].append(sar_step.get("per_task"))
+        record["sar_skipped_layers"].append(sar_step.get("skipped_layers"))
+        record["sar_rank_mean"].append(sar_step.get("rank_mean"))
+        record["step_timings"].append({"fit_s": self.fit_s, "fisher_s": sum(self.fisher_info["fisher_s"]),
+                                       "merge_s": merge_s, "eval_s": eval_s, "sar_s": sar_s})
+        record["merge_record"].append(merge_record)
+        record["store_steps"].append({"merge_passes": 1, "merge_peak_live_bytes": None,
+                                      **MemoryStorage().step_info(merged, {})})
+        record["sar_scope"] = "all_tasks" if sar is not None else None
+        return merged
 
 
 def _fmt(v) -> str:

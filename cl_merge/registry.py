@@ -16,7 +16,9 @@ from .errors import UserError
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "cl_merge.strategies"
-PROTOCOLS = ("sequential", "independent")
+#: sequential / independent: one merge per task (the continual protocols); multitask: every expert
+#: trained independently from θ0, then merged in one call (docs/protocol.md)
+PROTOCOLS = ("sequential", "independent", "multitask")
 
 
 class Registry(Generic[T]):

@@ -94,6 +94,8 @@ def matrix_table(result: Dict[str, Any], title: Optional[str] = None) -> Table:
     for name in result["tasks"]:
         table.add_column(name[:10], justify="right")
     labels = ["θ0"] + [f"{t}: {n[:10]}" for t, n in enumerate(result["tasks"], start=1)]
+    if result.get("protocol") == "multitask":  # two rows: θ0 and the one merge of every expert
+        labels = ["θ0", "merged"]
     for label, row in zip(labels, result["acc_matrix"]):
         table.add_row(label, *("·" if v is None else f"{100 * v:.0f}" for v in row))
     table.add_row("expert", *(f"{100 * v:.0f}" for v in result["expert_acc"]))

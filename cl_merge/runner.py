@@ -182,6 +182,7 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
     carries no metrics (null): a leaderboard shows it as diverged, never as a number."""
     matrix = record["acc_matrix"]
     T = len(task_names)
+    scores = metrics.summary(matrix, record["expert_acc"], config.protocol) if diverged is None else {}
     steps = record["step_timings"]
     scored = diverged is None
     timings = {
@@ -207,12 +208,12 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "hyperparameters": config.hyperparameters(),
         "acc_matrix": matrix,
         "expert_acc": record["expert_acc"],
-        "acc": metrics.acc(matrix) if scored else None,
-        "bwt": metrics.bwt(matrix) if scored else None,
-        "bwt_denominator": T - 1,
-        "fwt": metrics.fwt(matrix) if scored else None,
-        "normalized_acc": metrics.mean_normalized_accuracy(matrix, record["expert_acc"]) if scored else None,
-        "normalized_acc_per_task": metrics.normalized_accuracy(matrix, record["expert_acc"]) if scored else None,
+        "acc": scores.get("acc"),
+        "bwt": scores.get("bwt"),
+        "bwt_denominator": None if config.protocol == "multitask" else T - 1,  # multitask: no BWT
+        "fwt": scores.get("fwt"),
+        "normalized_acc": scores.get("normalized_acc"),
+        "normalized_acc_per_task": scores.get("normalized_acc_per_task"),
         "sar": record["sar"],
         "timings": timings,
         "peak_memory_bytes": peak_memory_bytes(device),
@@ -224,7 +225,7 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "registered_strategy": config.strategy is not None,
         "expert_source": record["expert_source"],
         "run_settings": recorded_settings(config.run_params),
-        "conventions": metrics.CONVENTIONS,
+        "conventions": metrics.conventions(config.protocol),
         # SAR detail: `sar` is the mean over the tasks in `sar_scope` (current task, or every seen task
         # with run.sar_store=true); `sar_current` is always the current task's value
         "sar_scope": record.get("sar_scope"),

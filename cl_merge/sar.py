@@ -168,6 +168,11 @@ class MergedBasis:
                     table: RuleTable = RULES) -> "MergedBasis":
         return cls({k: deployed[k] - theta0[k] for k in deployed if sar_layers(k, deployed[k], table)}, energy, table)
 
+    @property
+    def parameters(self) -> List[str]:
+        """The parameters whose layers enter SAR (what ``score`` reads of a task's update)."""
+        return sorted({name for name, _ in self._where.values()})
+
     def score(self, delta_task: StateDict) -> TaskSAR:
         acc = _TaskScore()
         for key, basis in self.bases.items():

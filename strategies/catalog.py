@@ -25,3 +25,23 @@ register_strategy("er", "er", "identity", "sequential",
 register_strategy("saim", "sa_bcd", "isotropic", "independent",
                   {"learner.rho": 0.05, "learner.p": 0.3, "merger.lam": 0.0, "merger.alpha": 1.0},
                   description="SAIM: SA-BCD experts (ρ = 0.05, p = 0.3) + adaptive isotropic merge (λ = 0, α = 1)")
+
+# multi-task merging: every expert trained independently from θ0, all merged in one call (docs/multitask-merging.md)
+register_strategy("ta", "adam", "task_arithmetic", "multitask", {"merger.alpha": 0.3},
+                  description="task arithmetic, all experts at once: θ0 + 0.3·Σ τ_t")
+register_strategy("ties-m", "adam", "dare", "multitask",
+                  {"merger.drop_rate": 0.0, "merger.combine": "ties", "merger.alpha": 0.3, "merger.k": 0.2},
+                  description="TIES-merging all at once (DARE with p = 0): trim 20%, elect sign, disjoint sum, α = 0.3")
+register_strategy("iso-c", "adam", "iso_c", "multitask", {"merger.alpha": 1.0},
+                  description="ISO-C: α·σ̄·UVᵀ of Σ τ_t per matrix (q/k/v split), α = 1")
+register_strategy("iso-cts", "adam", "iso_cts", "multitask", {"merger.alpha": 1.0, "merger.common_space_fraction": 0.8},
+                  description="ISO-CTS: common (80%) + per-task subspaces, isotropic, α = 1")
+register_strategy("tsv-m", "adam", "tsv_m", "multitask", {"merger.alpha": 1.0},
+                  description="TSV-M: per-task rank-r/T SVD factors, Procrustes-whitened, α = 1")
+register_strategy("fisher", "adam", "fisher", "multitask",
+                  description="Fisher-weighted averaging (empirical Fisher on 0.5% / ≥ 256 training samples)")
+register_strategy("dare-ta", "adam", "dare", "multitask",
+                  {"merger.drop_rate": 0.5, "merger.combine": "task_arithmetic", "merger.alpha": 0.3},
+                  description="DARE + task arithmetic: drop 50% at random, rescale 2×, θ0 + 0.3·Σ")
+register_strategy("epimer", "adam", "epimer", "multitask", {"merger.k": 32, "merger.alpha": 1.0},
+                  description="EpiMer: curvature-aware Fréchet sum in TSV-M's tagged subspace (k 32, α 1)")

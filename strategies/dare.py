@@ -34,6 +34,7 @@ from typing import List, Literal, Optional
 
 import torch
 
+from cl_merge.registry import register_merger
 from cl_merge.multitask_merge import MultiTaskMerger, check_inputs, default_matrix, work_dtype
 from cl_merge.strategies.ties import ties_disjoint_sum
 
@@ -54,6 +55,7 @@ def dare_drop(delta: torch.Tensor, drop_rate: float, rescale: bool, generator: t
     return out / (1.0 - drop_rate) if rescale else out
 
 
+@register_merger
 @dataclasses.dataclass
 class DareMerger(MultiTaskMerger):
     """DARE (random drop + rescale, seeded) on top of task arithmetic or TIES."""
@@ -91,7 +93,8 @@ class DareMerger(MultiTaskMerger):
         dropped = deltas if self.only_matrices else self.drop(deltas, name)
         return self.alpha * torch.stack(list(dropped)).sum(0)
 
-    def merge_all(self, base, experts, *, fishers=None, matrix=None):
+    def merge_all(self, base, experts, *, fishers=None, matrix=None, blocks=None):
+        # the drop and both combinations are element-wise: q/k/v blocks change nothing (``blocks`` unused)
         if self.combine == "task_arithmetic":
             return super().merge_all(base, experts, fishers=fishers, matrix=matrix)
         check_inputs(base, experts, fishers, False, self.name)

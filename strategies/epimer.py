@@ -64,6 +64,8 @@ from typing import Dict, List, Literal, Sequence
 
 import torch
 
+from cl_merge.registry import register_merger
+from cl_merge.components import PositiveInt, UnitInterval
 from cl_merge.multitask_merge import MultiTaskMerger, mean, per_task_rank
 from cl_merge.spectral import EPS32, FAST_PATH_BOUND
 from cl_merge.strategies.fisher_merge import fisher_average
@@ -161,6 +163,7 @@ def epimer_matrix(deltas: List[torch.Tensor], fishers: List[torch.Tensor], k: in
     return lift(u.double(), v.double(), scale * x).to(dtype)
 
 
+@register_merger
 @dataclasses.dataclass
 class EpiMerMerger(MultiTaskMerger):
     """EpiMer: curvature-aware Fréchet merge in TSV-M's tagged subspace (Eq. 14 by default)."""
@@ -176,6 +179,9 @@ class EpiMerMerger(MultiTaskMerger):
     aggregator: Literal["frechet_sum", "frechet_mean"] = "frechet_sum"
     coefficients: Literal["tagged", "projected"] = "tagged"
     nonmatrix: Literal["mean", "fisher"] = "mean"
+    # how each expert's Fisher diagonal is estimated (cl_merge.fisher; the protocol computes and caches it)
+    fisher_fraction: UnitInterval = 0.005  # of the task's training split
+    fisher_min_samples: PositiveInt = 256
 
     def __post_init__(self):
         if self.k < 1:

@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from cl_merge.registry import register_merger
+from cl_merge.components import PositiveInt, UnitInterval
 from cl_merge.multitask_merge import MultiTaskMerger
 from cl_merge.params import StateDict
 
@@ -53,6 +55,7 @@ def fisher_average(deltas: Sequence[torch.Tensor], fishers: Sequence[torch.Tenso
     return num / den
 
 
+@register_merger
 @dataclasses.dataclass
 class FisherMerger(MultiTaskMerger):
     """Fisher-weighted averaging of the experts (per coordinate)."""
@@ -62,6 +65,9 @@ class FisherMerger(MultiTaskMerger):
     needs_fisher = True
     normalize: bool = True
     minimal_fisher_weight: float = 1e-6
+    # how each expert's Fisher diagonal is estimated (cl_merge.fisher; the protocol computes and caches it)
+    fisher_fraction: UnitInterval = 0.005  # of the task's training split
+    fisher_min_samples: PositiveInt = 256
 
     def __post_init__(self):
         if not self.minimal_fisher_weight > 0.0:  # 0 would divide 0 by 0 where every F_t is 0

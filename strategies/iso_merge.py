@@ -34,6 +34,7 @@ from typing import List, Optional
 
 import torch
 
+from cl_merge.registry import register_merger
 from cl_merge.multitask_merge import MultiTaskMerger, mean
 from cl_merge.spectral import polar, truncated_svd
 
@@ -75,6 +76,7 @@ def iso_cts_matrix(deltas: List[torch.Tensor], fraction: float) -> torch.Tensor:
     return sigma_bar * (polar(u_all) @ polar(v_all).T)
 
 
+@register_merger
 @dataclasses.dataclass
 class IsoCMerger(MultiTaskMerger):
     """ISO-C: isotropic spectrum of the summed task vectors, α · σ̄ · U Vᵀ per matrix."""
@@ -90,6 +92,7 @@ class IsoCMerger(MultiTaskMerger):
         return self.alpha * mean(deltas)
 
 
+@register_merger
 @dataclasses.dataclass
 class IsoCTSMerger(MultiTaskMerger):
     """ISO-CTS: common subspace of Σ δ_t plus each task's own directions outside it, isotropic."""

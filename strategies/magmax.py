@@ -20,6 +20,7 @@ from cl_merge.registry import register_merger
 @dataclasses.dataclass
 class MagMaxMerger(Merger):
     name = "magmax"
+    protocols = ("sequential", "independent", "multitask")  # the last step is the all-at-once merge
     description = "θ0 + α · per-entry max-magnitude task vector (running selection)"
     alpha: float = 0.5  # λ of docs/, α of the SAIM appendix
 

@@ -12,6 +12,7 @@ from cl_merge.registry import register_merger
 @dataclasses.dataclass
 class SWAMerger(Merger):
     name = "swa"
+    protocols = ("sequential", "independent", "multitask")  # the last step is the all-at-once merge
     description = "running average of the experts"
 
     def merge_tensor(self, x):

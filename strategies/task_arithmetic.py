@@ -14,6 +14,7 @@ from cl_merge.registry import register_merger
 @dataclasses.dataclass
 class TaskArithmeticMerger(Merger):
     name = "task_arithmetic"
+    protocols = ("sequential", "independent", "multitask")  # the last step is the all-at-once merge
     description = "θ0 + α · running sum of task vectors"
     alpha: float = 0.3
 

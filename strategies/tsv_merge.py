@@ -32,6 +32,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from cl_merge.registry import register_merger
 from cl_merge.multitask_merge import MultiTaskMerger, mean, per_task_rank
 from cl_merge.spectral import Policy, polar, truncated_svd
 
@@ -68,6 +69,7 @@ def tsv_matrix(deltas: List[torch.Tensor], k: int) -> torch.Tensor:
     return (f.u * f.sigma) @ f.v.T
 
 
+@register_merger
 @dataclasses.dataclass
 class TSVMerger(MultiTaskMerger):
     """TSV-M: per-task rank-k singular vectors, Procrustes-whitened, summed."""

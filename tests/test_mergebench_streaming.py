@@ -43,7 +43,9 @@ def domain_task(root, domain):
 
 def test_every_registered_merger_is_covered():
     covered = {name for name, _ in MERGER_CASES}
-    assert covered == set(MERGERS.names())
+    # every merger of the continual protocols (the on-disk store runs the independent one; the
+    # multi-task mergers merge every expert at once in memory: docs/protocol.md)
+    assert covered == {n for n in MERGERS.names() if "independent" in MERGERS.get(n).protocols}
 
 
 def disk_storage(root, work, names, tracker=None):

@@ -249,6 +249,6 @@ def test_every_learner_and_merger_runs_on_the_lm(tiny, tmp_path):
         assert len(r["acc_matrix"]) == 3
     from cl_merge.registry import MERGERS
 
-    for merger in MERGERS.names():
+    for merger in [m for m in MERGERS.names() if "independent" in MERGERS.get(m).protocols]:
         r = run(tiny, tmp_path, merger, extra, learner="adam", merger=merger, protocol="independent")
         assert len(r["acc_matrix"]) == 3 and all(0.0 <= v <= 1.0 for v in r["acc_matrix"][2])
