@@ -46,11 +46,15 @@ class MergeContext:
     ``validation_score(state) -> float`` scores a candidate deployed state (a name -> tensor mapping,
     possibly lazy) on the current task's validation split, never its test split; None where the run
     offers no validation data. ``record`` receives the merger's per-step record (e.g. the α it chose);
-    the protocol loop writes it into the results."""
+    the protocol loop writes it into the results. ``tasks`` is the run's number of tasks T (the
+    continual variants of the multi-task mergers fix each task's rank from it); ``fisher`` the current
+    expert's Fisher diagonal (a name -> tensor mapping) for mergers that declare ``needs_fisher``."""
 
     step: int = 0
     validation_score: Optional[Scorer] = None
     record: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    tasks: Optional[int] = None
+    fisher: Optional[Mapping[str, torch.Tensor]] = None
 
     def score(self, state: Mapping[str, torch.Tensor], needed_by: str = "the merger") -> float:
         if self.validation_score is None:

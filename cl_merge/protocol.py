@@ -28,6 +28,8 @@ import math
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
+
 from .checkpoint import Checkpointer, load_optional
 from .divergence import check_step
 from .errors import UserError
@@ -89,7 +91,17 @@ class StepRecord:
 
 
 PER_STEP_KEYS = ("acc_matrix", "expert_acc", "sar", "expert_source", "step_timings", "sar_current", "sar_per_task",
-                 "sar_skipped_layers", "sar_rank_mean", "merge_record", "store_steps")
+                 "sar_skipped_layers", "sar_rank_mean", "merge_record", "store_steps", "merger_state_bytes")
+
+
+def logical_bytes(store) -> int:
+    """Bytes of a store's tensors (numel × element size, read from their specs): the merger state size the
+    results record per step, the same on the memory and the on-disk store (a file adds its header)."""
+    total = 0
+    for name in store:
+        dtype, shape = spec_of(store, name)
+        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return total
 
 
 def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, learner_name: str,
@@ -178,7 +190,14 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
             stream.set_phase(f"step {t}/{T} validation", task.name)
             return adapter.evaluate(task, "val")
 
-        context = MergeContext(step=t, validation_score=validation_score)
+        context = MergeContext(step=t, validation_score=validation_score, tasks=T)
+        if getattr(merger, "needs_fisher", False):  # continual EpiMer: the current expert's Fisher diagonal
+            # the independent protocol's experts are the multitask protocol's: same cache entry for the Fisher
+            key = experts.cache_key(task, t) if experts.cache is not None and protocol == "independent" else None
+            fisher, samples, seconds, fisher_source = expert_fisher(
+                adapter, task, dict(expert), fisher_settings(merger, seed), experts.cache, key)
+            context.fisher = fisher
+            context.record.update(fisher_samples=samples, fisher_s=seconds, fisher_source=fisher_source)
         deployed_writer, state_writer, scratch_writer, release = storage.writers(t)
         storage.reset_peak()
         result = merge_step(merger, StepInputs(theta0, deployed, expert, start, t), state,
@@ -186,6 +205,7 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
                             scratch_writer=scratch_writer, release=release, context=context, names=names)
         store_info = {"merge_passes": result.passes, "merge_peak_live_bytes": storage.tracker_peak(),
                       **storage.step_info(result.deployed, result.state)}
+        record["merger_state_bytes"].append(logical_bytes(result.state))
         # non-finite expert or merged weights stop the run before its checkpoint (divergence.py)
         check_step(t, task.name, expert, result.deployed)
 
@@ -288,6 +308,7 @@ class Gathered:
         record["step_timings"].append({"fit_s": self.fit_s, "fisher_s": sum(self.fisher_info["fisher_s"]),
                                        "merge_s": merge_s, "eval_s": eval_s, "sar_s": sar_s})
         record["merge_record"].append(merge_record)
+        record["merger_state_bytes"].append(0)  # one merge, no state carried between steps
         record["store_steps"].append({"merge_passes": 1, "merge_peak_live_bytes": None,
                                       **MemoryStorage().step_info(merged, {})})
         record["sar_scope"] = "all_tasks" if sar is not None else None

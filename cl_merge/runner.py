@@ -239,6 +239,9 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         # where the states lived: "memory" or "disk" (tensor by tensor), with per-step merge passes and sizes
         "parameter_store": {"backend": record.get("parameter_store"), "per_step": record.get("store_steps"),
                             "mergeable_bytes": record.get("mergeable_bytes")},
+        # the merger's state after each step, in bytes (tensor sizes, either store): constant for most
+        # mergers, growing with t for the continual TSV-M / ISO-CTS / EpiMer (docs/multitask-merging.md)
+        "merger_state_bytes": record.get("merger_state_bytes"),
         # final row on the validation splits (selection data for sweeps; never the test split)
         "val_acc": record.get("val_acc"),
         "config": dict(config.to_dict(), run_params=recorded_settings(config.run_params)),

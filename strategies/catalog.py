@@ -45,3 +45,15 @@ register_strategy("dare-ta", "adam", "dare", "multitask",
                   description="DARE + task arithmetic: drop 50% at random, rescale 2×, θ0 + 0.3·Σ")
 register_strategy("epimer", "adam", "epimer", "multitask", {"merger.k": 32, "merger.alpha": 1.0},
                   description="EpiMer: curvature-aware Fréchet sum in TSV-M's tagged subspace (k 32, α 1)")
+
+# continual variants of the multi-task mergers (strategies/continual_multitask.py): step T under the
+# independent protocol is the multitask merger on the same experts; all but c-iso-c keep state that grows with T
+register_strategy("c-iso-c", "adam", "c_iso_c", "independent", {"merger.alpha": 1.0},
+                  description="continual ISO-C: α·σ̄·UVᵀ of the running sum of task vectors, α = 1 (O(1) state)")
+register_strategy("c-iso-cts", "adam", "c_iso_cts", "independent",
+                  {"merger.alpha": 1.0, "merger.common_space_fraction": 0.8},
+                  description="continual ISO-CTS: common (80%) + per-task subspaces of the tasks seen (keeps each task vector)")
+register_strategy("c-tsv-m", "adam", "c_tsv_m", "independent", {"merger.alpha": 1.0},
+                  description="continual TSV-M: each task's rank-r/T SVD factors kept, whitened at every step, α = 1")
+register_strategy("c-epimer", "adam", "c_epimer", "independent", {"merger.k": 32, "merger.alpha": 1.0},
+                  description="continual EpiMer: each task's rank-k factors and Fisher diagonal kept (k 32, α 1)")

@@ -60,7 +60,7 @@ c = b − H̄ δ̄ (B.4.3) at no extra cost.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Literal, Sequence
+from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ from cl_merge.components import PositiveInt, UnitInterval
 from cl_merge.multitask_merge import MultiTaskMerger, mean, per_task_rank
 from cl_merge.spectral import EPS32, FAST_PATH_BOUND
 from cl_merge.strategies.fisher_merge import fisher_average
-from cl_merge.strategies.tsv_merge import task_factors, whiten
+from cl_merge.strategies.tsv_merge import TaskFactors, task_factors, whiten
 
 #: elements of one Khatri–Rao row block (rows × n × p) in ``projected_curvature`` (32 MB in float32)
 CHUNK_ELEMENTS = 1 << 23
@@ -119,7 +119,7 @@ def subspace_frechet(basis: torch.Tensor, curvatures: Sequence[torch.Tensor], co
 
 def _curvature_system(u, v, factors, deltas, fishers, jitter, coefficients):
     """(H̄, b, δ̄) in the dtype of ``u``."""
-    tasks = len(deltas)
+    tasks = len(fishers)
     lam = 1.0 / tasks
     f_bar = torch.stack([f.to(u.dtype) for f in fishers]).mean(0)
     h_bar = projected_curvature(u, v, f_bar + jitter)
@@ -144,8 +144,22 @@ def epimer_matrix(deltas: List[torch.Tensor], fishers: List[torch.Tensor], k: in
                   coefficients: str = "tagged", diagnostics: Dict[str, float] = None, name: str = ""
                   ) -> torch.Tensor:
     """EpiMer's Δ for one matrix (module docstring, steps 1–5), k ≥ 1 per task."""
-    dtype = deltas[0].dtype
-    factors = whiten(task_factors(deltas, k, policy="float64"))
+    factors = task_factors(deltas, k, policy="float64")
+    return epimer_from_factors(factors, fishers, deltas if coefficients == "projected" else None, alpha=alpha,
+                               eps=eps, eps_scale=eps_scale, aggregator=aggregator, diagnostics=diagnostics,
+                               name=name)
+
+
+def epimer_from_factors(factors: TaskFactors, fishers: List[torch.Tensor], deltas: Optional[List[torch.Tensor]] = None,
+                        *, alpha: float = 1.0, eps: float = 1e-6, eps_scale: str = "relative",
+                        aggregator: str = "frechet_sum", diagnostics: Dict[str, float] = None, name: str = ""
+                        ) -> torch.Tensor:
+    """Steps 1–5 from the T tasks' (unwhitened) rank-k factors and Fisher diagonals: ``tagged``
+    coefficients, or ``projected`` ones when ``deltas`` (the full task vectors) are given. The
+    continual variant (``strategies/continual_multitask.py``) keeps exactly these inputs."""
+    dtype = factors.u.dtype
+    coefficients = "tagged" if deltas is None else "projected"
+    factors = whiten(factors)
     f_mean = float(torch.stack(fishers).double().mean())
     jitter = eps * f_mean if eps_scale == "relative" and f_mean > 0 else eps
     u, v = factors.u, factors.v
@@ -159,7 +173,7 @@ def epimer_matrix(deltas: List[torch.Tensor], fishers: List[torch.Tensor], k: in
     if diagnostics is not None:
         c = b.double() - h_bar.double() @ d_bar.double()
         diagnostics[name] = float(c @ (x - d_bar.double()))  # cᵀH̄⁻¹c, since H̄⁻¹c = δ̃* − δ̄
-    scale = alpha * (len(deltas) if aggregator == "frechet_sum" else 1.0)
+    scale = alpha * (len(fishers) if aggregator == "frechet_sum" else 1.0)
     return lift(u.double(), v.double(), scale * x).to(dtype)
 
 

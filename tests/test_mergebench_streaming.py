@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from _mergebench import DOMAINS, write_tiny_mergebench
 from cl_merge.errors import UserError
 from cl_merge.registry import LEARNERS, MERGERS
-from cl_merge.merge_engine import StepInputs, merge_step
+from cl_merge.merge_engine import MergeContext, StepInputs, merge_step
 from cl_merge.merger import Merger
 from cl_merge.reductions import kth_smallest_abs
 from cl_merge.store import DiskStorage
@@ -24,6 +24,7 @@ MERGER_CASES = [
     ("isotropic", {"lam": 0.25, "alpha": 1.0}), ("ties", {"variant": "seed"}),
     ("ties", {"variant": "seed", "trim_scope": "tensor"}), ("ties", {"variant": "fusionbench"}),
     ("opcm", {"alpha": 0.5}),
+    ("c_iso_c", {"alpha": 1.0}), ("c_iso_cts", {}), ("c_tsv_m", {}), ("c_tsv_m", {"k": 2}), ("c_epimer", {"k": 2}),
 ]
 
 
@@ -46,6 +47,16 @@ def test_every_registered_merger_is_covered():
     # every merger of the continual protocols (the on-disk store runs the independent one; the
     # multi-task mergers merge every expert at once in memory: docs/protocol.md)
     assert covered == {n for n in MERGERS.names() if "independent" in MERGERS.get(n).protocols}
+
+
+def step_context(merger, t, theta0, domain):
+    """The run's task count (the continual multi-task mergers fix their ranks from it) and, for a merger
+    that needs one, a Fisher diagonal (seeded per domain: both stores see the same one)."""
+    fisher = None
+    if getattr(merger, "needs_fisher", False):
+        g = torch.Generator().manual_seed(sum(map(ord, domain)))
+        fisher = {n: torch.rand(v.shape, generator=g) for n, v in theta0.items()}
+    return MergeContext(step=t, tasks=len(DOMAINS), fisher=fisher)
 
 
 def disk_storage(root, work, names, tracker=None):
@@ -79,12 +90,14 @@ def test_streamed_merge_equals_in_memory_merge(tiny, tmp_path, monkeypatch, name
     for t, domain in enumerate(DOMAINS, start=1):
         task = domain_task(tiny, domain)
         expert_mem = learner.fit(theta0, type("Ctx", (), {"task": task})())  # in-memory expert
-        deployed = reference.merge(base=theta0, previous=deployed, expert=expert_mem, start=theta0, step=t)
+        context = step_context(streamed, t, theta0, domain)
+        deployed = reference.merge(base=theta0, previous=deployed, expert=expert_mem, start=theta0, step=t,
+                                   context=step_context(reference, t, theta0, domain))
         del expert_mem
         expert, source = storage.open_expert(learner, task, names)
         assert source == f"checkpoint:{tiny / domain}"
         tracker.reset_peak()
-        result = disk_step(storage, streamed, base, previous, expert, state, t)
+        result = disk_step(storage, streamed, base, previous, expert, state, t, context)
         # memory: a step never holds more than base + previous + expert; in fact a few tensors of one layer
         assert tracker.peak <= 3 * model_bytes
         assert tracker.peak < model_bytes
@@ -232,7 +245,8 @@ def _runs(tiny, tmp_path, merger_name, params, protocol="independent"):
 
 
 @pytest.mark.parametrize("merger_name,params", [("isotropic", {"lam": 0.25, "alpha": 1.0}), ("opcm", {}),
-                                                ("isotropic", {"alpha_grid": (0.5, 1.0)})])
+                                                ("isotropic", {"alpha_grid": (0.5, 1.0)}), ("c_tsv_m", {}),
+                                                ("c_iso_cts", {})])
 def test_disk_store_run_equals_memory_store_run(tiny, tmp_path, merger_name, params):
     run = _runs(tiny, tmp_path, merger_name, params)
     generic = run("a")
@@ -240,7 +254,7 @@ def test_disk_store_run_equals_memory_store_run(tiny, tmp_path, merger_name, par
     assert generic["parameter_store"] == "memory" and streamed["parameter_store"] == "disk"
     assert set(generic) == set(streamed)  # one loop, one record
     for key in ("acc_matrix", "expert_acc", "sar", "sar_current", "sar_per_task", "sar_skipped_layers",
-                "sar_rank_mean", "sar_scope", "merge_record", "mergeable_bytes"):
+                "sar_rank_mean", "sar_scope", "merge_record", "mergeable_bytes", "merger_state_bytes"):
         assert generic[key] == streamed[key], key
     assert generic["sar_scope"] == "seen_tasks"
     if "alpha_grid" in params:

@@ -139,3 +139,32 @@ def test_a_fisher_merger_is_refused_before_training_on_an_adapter_without_a_per_
     with pytest.raises(UserError, match="needs Fisher diagonals"):
         execute(cfg, out_dir=tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists() and not list((tmp_path / "cache").glob("experts/*.safetensors"))
+
+
+CONTINUAL_VARIANTS = [("c-iso-c", "iso-c"), ("c-iso-cts", "iso-cts"), ("c-tsv-m", "tsv-m"), ("c-epimer", "epimer")]
+
+
+@pytest.mark.parametrize("strategy,at_once", CONTINUAL_VARIANTS, ids=[c for c, _ in CONTINUAL_VARIANTS])
+def test_each_continual_variant_runs_from_the_cli_and_its_last_step_is_the_multitask_merge(
+        out, independent, strategy, at_once):
+    """Under the independent protocol the continual variant's step T is the all-at-once merge of the same
+    (cached) experts; its state size is recorded per step (and grows with t for all but c-iso-c)."""
+    runs = out / f"cli-{strategy}"
+    code = main(["run", "--benchmark", "mini", "--strategy", strategy, "--out", str(runs), "--quiet",
+                 *TINY, f"run.cache_dir={out / 'cache'}"])
+    assert code == 0
+    (path,) = runs.rglob("*.json")
+    result = json.loads(path.read_text())
+    assert result["protocol"] == "independent" and len(result["acc_matrix"]) == T + 1
+    assert result["expert_source"] == ["cache"] * T
+    assert set(result) - CONDITIONAL_KEYS == set(independent) - CONDITIONAL_KEYS
+    sizes = result["merger_state_bytes"]
+    assert len(sizes) == T and all(isinstance(s, int) and s > 0 for s in sizes)
+    assert (sizes[1] > sizes[0]) == (strategy != "c-iso-c")
+    reference, _ = run(out, strategy=at_once)
+    final, merged = result["acc_matrix"][-1], reference["acc_matrix"][1]
+    assert final == pytest.approx(merged, abs=1.5 / 48)  # same model up to float32 summation order
+    if strategy == "c-epimer":  # the Fisher diagonals are the multitask epimer's cache entries: found there
+        assert result["merge_record"][-1]["fisher_source"] in ("cache", "computed")
+        assert reference["merge_record"][0]["fisher_source"] == ["cache"] * T
+        assert isinstance(result["merge_record"][-1]["epimer_eta_mean"], float)
