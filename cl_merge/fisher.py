@@ -132,8 +132,13 @@ def fisher_diagonal(adapter, task, params: Optional[StateDict] = None,
         params = adapter.get_state()
     params = {k: v.detach().to(device) for k, v in params.items()}
     data = task.train
+    if len(data) == 0:
+        raise UserError(f"task {task.name} has no training split to estimate the Fisher diagonal on; "
+                        "choose a merger that needs no Fisher (e.g. c_tsv_m, tsv_m)")
     indices = subsample(len(data), settings.fraction, settings.min_samples, settings.seed)
-    loader = DataLoader(Subset(data, indices), batch_size=settings.batch_size, shuffle=False)
+    # adapters whose samples are not tensors (a causal LM's text records) say how to batch them
+    collate = getattr(adapter, "collate_samples", None)
+    loader = DataLoader(Subset(data, indices), batch_size=settings.batch_size, shuffle=False, collate_fn=collate)
     batches = (tuple(x.to(device) for x in batch) for batch in loader)
     est = empirical_fisher(loss, params, batches, chunk_size=settings.chunk_size)
     return est._replace(diagonal={k: v.cpu() for k, v in est.diagonal.items()})

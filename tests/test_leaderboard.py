@@ -285,3 +285,26 @@ def test_selection_uses_validation_only_and_reports_the_chosen_settings_test_fig
     runs[0]["val_acc"] = None
     with pytest.raises(lb.UserError, match="no val_acc"):
         lb.select_by_validation(runs)
+
+
+def _multitask_result(strategy, merged, zero_shot=(0.3, 0.5), experts=(0.9, 0.7)):
+    r = fake_result(strategy=strategy, protocol="multitask", acc_last=tuple(merged), scope="all_tasks")
+    r.update(acc_matrix=[list(zero_shot), list(merged)], expert_acc=list(experts), bwt=None, bwt_denominator=None,
+             acc=sum(merged) / len(merged), sar=[0.8],
+             normalized_acc=sum(a / e for a, e in zip(merged, experts)) / len(merged))
+    return r
+
+
+def test_a_multitask_table_shows_zero_shot_and_expert_rows_and_its_own_footnote():
+    from cl_merge.grid.formatting import markdown
+
+    text = markdown(lb.aggregate([_multitask_result("tsv-m", (0.8, 0.6)), _multitask_result("ta", (0.7, 0.5))]))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    zero = next(line for line in table if line.startswith("| zero-shot"))
+    expert = next(line for line in table if line.startswith("| experts"))
+    assert zero.split(" | ")[4] == "40.0" and expert.split(" | ")[4] == "80.0"  # means of row 0 / expert_acc
+    assert expert.split(" | ")[7] == "100.0"
+    assert "BWT is null under the multitask protocol" in text and "denominator T−1" not in text
+    assert "all_tasks: mean over every task's own update against the one merged model" in text
+    continual = markdown(lb.aggregate([fake_result()]))
+    assert "zero-shot" not in continual and "BWT (denominator T−1)" in continual

@@ -89,6 +89,19 @@ def _order_cell(vals: Dict[str, Any]) -> str:
     return "diverged" if vals.get("diverged") else _pct(vals["acc"])
 
 
+def bound_rows(rows: Sequence[Row], width: int) -> List[List[str]]:
+    """Multitask tables: the zero-shot model (row 0 of every result) and the experts on their own
+    tasks (``expert_acc``), per T, as the multi-task merging papers print them; [] otherwise."""
+    out = []
+    for T in sorted({r.T for r in rows if r.protocol == "multitask"}):
+        same = [r for r in rows if r.protocol == "multitask" and r.T == T and not r.diverged]
+        for label, key, norm in (("zero-shot (θ0)", "zero_shot", None), ("experts", "expert", 1.0)):
+            mean = mean_std([r.stats[key][0] for r in same])[0]
+            cells = [label, "–", str(T), "–", _pct(mean), "–", "–", _pct(norm), "–"]
+            out.append(cells + [""] * (width - len(cells)))
+    return out
+
+
 def title_of(rows: Sequence[Row], title: Optional[str] = None) -> str:
     benches = sorted({r.benchmark for r in rows})
     models = sorted({str(r.model) for r in rows if r.model})
@@ -112,9 +125,17 @@ def footnotes(rows: Sequence[Row]) -> List[str]:
     scopes = sorted({r.sar_scope for r in rows if r.sar_scope})
     scope_text = {"seen_tasks": "mean over all tasks seen so far (run.sar_store=true)",
                   "current_task": "the last task's own update only (run.sar_store=false)",
+                  "all_tasks": "mean over every task's own update against the one merged model (multitask protocol)",
                   "mixed": "mixed scopes within a row"}
     energy = sorted({str(run.get("sar_energy")) for r in rows for run in r.runs if run.get("sar_energy") is not None})
-    notes = ["ACC, BWT (denominator T−1) and normalized ACC in %; mean ± sample standard deviation (n − 1) over "
+    multitask = {r.protocol == "multitask" for r in rows}
+    if multitask == {True}:  # no model is deployed between tasks: BWT is null (docs/metrics.md)
+        first = "ACC and normalized ACC in % (BWT is null under the multitask protocol)"
+    elif True in multitask:
+        first = "ACC, BWT (denominator T−1; null for multitask rows) and normalized ACC in %"
+    else:
+        first = "ACC, BWT (denominator T−1) and normalized ACC in %"
+    notes = [first + "; mean ± sample standard deviation (n − 1) over "
              "the n runs of a row (task orders × seeds); per-order columns average over seeds.",
              "worst order: the order with the lowest ACC (\"all equal\" when every order gives the same ACC)."]
     if scopes:
@@ -137,6 +158,7 @@ def markdown(rows: Sequence[Row], title: Optional[str] = None,
              "|" + "|".join("---" if c in ("strategy", "protocol") else "---:" for c in cols) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(table_cells(row, orders, ref)) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in bound_rows(rows, len(cols))]
     lines.append("")
     lines += [f"- {n}" for n in footnotes(rows)]
     if ref and reference:

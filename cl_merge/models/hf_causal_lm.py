@@ -175,6 +175,34 @@ class CausalLMAdapter(ModelAdapter):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100)
 
+    # ---- functional per-sample loss (the Fisher diagonal, cl_merge.fisher) -------------------------
+    def collate_samples(self, records: Sequence[dict]):
+        """(input_ids, labels) of a list of records, right-padded (pad tokens, label -100): the Fisher
+        estimator's batches, one sample per row for ``per_sample_loss``."""
+        ids, _, labels = self.collate(records)
+        return ids, labels
+
+    def per_sample_loss(self, task: Task):
+        """``loss(params, input_ids, labels)``: ``loss`` of ONE record (answer tokens + EOS, mean token
+        cross-entropy) through the model called with the given mergeable parameters (``functional_call``;
+        the frozen embeddings and head are the module's own). A row of ``collate_samples`` is right-padded
+        and has no attention mask: with causal attention no real token sees the padding after it, and
+        the padding's labels are -100, so the value is that of the unpadded record."""
+        from torch.func import functional_call
+
+        model, device = self.model, self._device
+
+        def loss(params, input_ids, labels):
+            with self._autocast():
+                out = functional_call(model, params, (input_ids[None].to(device),), {"use_cache": False},
+                                      strict=False)
+            logits = out.logits[:, :-1].float()
+            target = labels[None, 1:].to(device)
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=-100)
+
+        return loss
+
     def train_batches(self, task: Task, batch_size: int, steps: int, generator: torch.Generator) -> Iterator:
         """``steps`` lists of records, reshuffled every epoch with ``generator``, full batches only."""
         data = task.train
