@@ -7,7 +7,8 @@ rule needs them, ``plan`` / ``after_pass`` / ``finalize_tensor`` and the state h
 core changes. See docs/ for the rule tables of the built-in mergers.
 
 State is O(1) in the number of tasks (running sums, a running max, a norm average), never a list of
-past task vectors. Per-tensor state (``tensor_state_keys``) is read from ``x.state`` and written to
+past task vectors; the documented exceptions (the continual TSV-M, ISO-CTS and EpiMer,
+``strategies/continual_multitask.py``) keep per-task factors and say so. Per-tensor state (``tensor_state_keys``) is read from ``x.state`` and written to
 ``x.new_state``; scalar state goes through ``scalar_state`` / ``load_scalar_state``.
 
 Notation: θ0 = ``base``, τ_t = expert − start, M_t = deployed_t − θ0.
