@@ -49,7 +49,8 @@ def test_same_config_and_seed_give_identical_results(tmp_path, fast_overrides):
     assert c["acc_matrix"][1:] != a["acc_matrix"][1:]
 
 
-@pytest.mark.parametrize("strategy", ["c-ft", "c-ta"])
+# c-tsv-m: a state that grows with t (each task's factors, int64 tags) goes through the step checkpoint
+@pytest.mark.parametrize("strategy", ["c-ft", "c-ta", "c-tsv-m"])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, fast_overrides, monkeypatch, strategy):
     full, _ = run(tmp_path, strategy, fast_overrides, name="full")
     merger_cls = MERGERS.get(resolve("mini", strategy=strategy).merger)
