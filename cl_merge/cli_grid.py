@@ -15,7 +15,7 @@ def cmd_demo(args) -> int:
     from .demo import demo_configs, run_demo
     from .io import write_text_atomic
 
-    configs = demo_configs(args.strategies, args.order, args.seed)
+    configs = demo_configs(args.strategies, args.order, args.seed, getattr(args, "overrides", None))
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
