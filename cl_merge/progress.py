@@ -92,6 +92,10 @@ class _Bar:
         if self._progress is not None:
             self._progress.advance(self._task_id, n)
 
+    def skip(self, n: int = 1) -> None:
+        """Count ``n`` items done without work (e.g. a run finished earlier)."""
+        _Bar.advance(self, n)
+
 
 @contextlib.contextmanager
 def overall(description: str, total: int, enabled: bool = True) -> Iterator["_Bar"]:
@@ -119,12 +123,18 @@ class _LogBar(_Bar):
         super().__init__(None, None)
         self.description, self.total, self.enabled = description, total, enabled
         self._t0 = time.perf_counter()
+        self._skipped = 0
+
+    def skip(self, n: int = 1) -> None:
+        self.completed += n
+        self._skipped += n
 
     def advance(self, n: int = 1) -> None:
         super().advance(n)
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self._t0
-        eta = elapsed / self.completed * (self.total - self.completed) if self.completed else 0.0
+        worked = self.completed - self._skipped  # the ETA extrapolates from runs that did work
+        eta = elapsed / worked * (self.total - self.completed) if worked else 0.0
         log_line(console, f"{self.description}: {self.completed}/{self.total} done, {elapsed:.0f} s elapsed, "
                           f"ETA {eta:.0f} s")
