@@ -21,6 +21,10 @@ _API = {"run", "load_results", "leaderboard", "Result", "Leaderboard"}
 
 
 def __getattr__(name: str):
+    if name == "leaderboard":  # the submodule, callable as the API's leaderboard (cl_merge.leaderboard doc)
+        import importlib
+
+        return importlib.import_module(".leaderboard", __name__)
     if name in _API:
         from . import api
 

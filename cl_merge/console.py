@@ -24,12 +24,17 @@ def log_width() -> int:
 class LogConsole(Console):
     """A rich console that lays out at ``log_width()`` when it does not write to a terminal.
 
-    The terminal check runs at every print (the stream can be swapped, e.g. by a test's capture)."""
+    The terminal check runs at every print (the stream can be swapped, e.g. by a test's capture). An
+    explicit ``width=`` wins; the COLUMNS variable only applies on a terminal (it describes one)."""
+
+    def __init__(self, *args, **kwargs):
+        self._explicit_width = kwargs.get("width") is not None
+        super().__init__(*args, **kwargs)
 
     @property
     def size(self):  # type: ignore[override]
         dimensions = Console.size.fget(self)  # type: ignore[attr-defined]
-        if self.is_terminal or self._width is not None:
+        if self.is_terminal or self._explicit_width:
             return dimensions
         return dimensions._replace(width=log_width())
 
