@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .console import log_line, make_console
 
 console = make_console(stderr=True)
+T = TypeVar("T")
 
 #: phases at least this long get a line of their own in a log (shorter ones would flood it)
 LOG_PHASE_S = 2.0
 
 _shared: Optional[Progress] = None  # the live display of an enclosing ``overall`` bar, if any
+_current: Optional["Reporter"] = None  # the innermost active reporter (per-batch bars join it)
 
 
 def _columns(eta_label: bool = False):
@@ -33,11 +35,14 @@ class Reporter:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
+        self._outer: Optional["Reporter"] = None
         self._progress: Optional[Progress] = None
         self._owns = False
         self._live = enabled and console.is_terminal
 
     def __enter__(self) -> "Reporter":
+        global _current
+        self._outer, _current = _current, self
         if self._live:
             if _shared is not None:  # inside a grid's overall bar: add to its display
                 self._progress = _shared
@@ -48,9 +53,11 @@ class Reporter:
         return self
 
     def __exit__(self, *exc) -> None:
+        global _current
         if self._progress is not None and self._owns:
             self._progress.stop()
         self._progress, self._owns = None, False
+        _current = self._outer
 
     @contextlib.contextmanager
     def task(self, description: str, total: Optional[int]) -> Iterator["_Bar"]:
@@ -95,6 +102,19 @@ class _Bar:
     def skip(self, n: int = 1) -> None:
         """Count ``n`` items done without work (e.g. a run finished earlier)."""
         _Bar.advance(self, n)
+
+
+def batches(iterable: Iterable[T], total: Optional[int], description: str = "evaluate batches") -> Iterator[T]:
+    """``iterable``, with a per-batch bar in the active reporter's live display (a terminal only; a
+    log gets the enclosing phase's line, not one per batch). Adapters wrap their evaluation loops in it."""
+    reporter = _current
+    if reporter is None or reporter._progress is None:
+        yield from iterable
+        return
+    with reporter.task(description, total=total) as bar:
+        for item in iterable:
+            yield item
+            bar.advance()
 
 
 @contextlib.contextmanager
