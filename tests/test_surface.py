@@ -238,3 +238,27 @@ def test_import_cl_merge_stays_light():
     code = "import sys, cl_merge; print(any(m in sys.modules for m in ('open_clip', 'avalanche', 'cl_merge.api')))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_off_a_terminal_progress_is_timestamped_lines_with_an_eta(monkeypatch):
+    import io
+
+    from cl_merge import progress
+    from cl_merge.console import LogConsole
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(progress, "console", LogConsole(file=buffer))
+    monkeypatch.setattr(progress, "LOG_PHASE_S", 0.0)  # every phase gets its line here
+    with progress.overall("grid: 3 runs", total=3) as bar:
+        bar.skip()  # a run finished earlier: counted, no line, not in the ETA
+        with progress.Reporter() as reporter:
+            with reporter.task("step 1/1 merge (swa)", total=None):
+                pass
+            reporter.log("step 1/1 shape: expert 0.900")
+        bar.advance()
+    lines = buffer.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
+    assert re.fullmatch(stamp + r"step 1/1 merge \(swa\): \d+\.\d s", lines[0]), lines
+    assert re.fullmatch(stamp + "step 1/1 shape: expert 0.900", lines[1]), lines
+    assert re.fullmatch(stamp + r"grid: 3 runs: 2/3 done, \d+ s elapsed, ETA \d+ s", lines[2]), lines
+    assert len(lines) == 3
