@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cl_merge-installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: demo test install clean-venv results
+.PHONY: demo test lint install clean-venv results
 
 install: $(STAMP)
 
@@ -47,3 +47,8 @@ results: $(STAMP)
 	$(CLM) plot delta-hist --learners adam sa_bcd --quiet --out $(MINI)/plots/delta_hist.png --data $(MINI)/plots/delta_hist.json $(MINI_EXPERTS)
 	$(CLM) plot disentanglement --learners adam sa_bcd --others absent --quiet --out $(MINI)/plots/disentanglement_two_tasks.png --data $(MINI)/plots/disentanglement_two_tasks.json $(MINI_EXPERTS)
 	$(CLM) plot disentanglement --learners adam sa_bcd --others fixed --quiet --out $(MINI)/plots/disentanglement_all_tasks.png --data $(MINI)/plots/disentanglement_all_tasks.json $(MINI_EXPERTS)
+
+# Errors and likely bugs (rules in pyproject's [tool.ruff]); formatting is not enforced.
+.PHONY: lint
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .

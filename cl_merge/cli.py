@@ -13,17 +13,33 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from rich.console import Console
-
+from . import __version__
+from .console import make_console
 from .errors import GridFailed, UserError
 from .registry import PROTOCOLS
 
-out = Console()
-err = Console(stderr=True)
+# wide and plain when the output is a file or a pipe: a log never shows a cut number or name
+out = make_console()
+err = make_console(stderr=True)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless it has none (None/False) or says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2); subcommand parsers inherit it."""
+    """argparse with one-line errors (exit 2) and shown defaults; subcommand parsers inherit both."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         err.print(f"{self.prog}: error: {message} (see {self.prog} --help)", markup=False, highlight=False,
@@ -33,38 +49,52 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cl-merge", description="Continual learning x model merging benchmark harness.")
+    p.add_argument("--version", action="version", version=f"cl-merge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run one strategy on one benchmark stream")
-    r.add_argument("--benchmark", required=True)
-    r.add_argument("--strategy")
-    r.add_argument("--learner")
-    r.add_argument("--merger")
-    r.add_argument("--protocol", choices=list(PROTOCOLS))
-    r.add_argument("--order", default=None, help="task order id (benchmark-specific)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", type=Path, default=Path("results/runs"))
+    r = sub.add_parser("run", help="run one strategy on one benchmark stream",
+                       description="Run one strategy (or --learner with --merger) on one benchmark stream and "
+                                   "write its results JSON.")
+    r.add_argument("--benchmark", required=True, help="benchmark name (cl-merge list), e.g. mini")
+    r.add_argument("--strategy", help="registered strategy (cl-merge list); or give --learner and --merger")
+    r.add_argument("--learner", help="learner name, with --merger instead of --strategy")
+    r.add_argument("--merger", help="merger name, with --learner instead of --strategy")
+    r.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="default: the strategy's, else independent for mergers that support it")
+    r.add_argument("--order", default=None, help="task order id (benchmark-specific; default: the benchmark's)")
+    r.add_argument("--seed", type=int, default=0, help="run seed")
+    r.add_argument("--out", type=Path, default=Path("results/runs"), help="results directory")
     r.add_argument("--resume", action="store_true", help="continue from the last step checkpoint")
     r.add_argument("--quiet", action="store_true", help="no live progress")
     r.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="hyperparameters, e.g. learner.lr=1e-4 merger.alpha=0.5 benchmark.num_tasks=4")
+                   help="hyperparameters, e.g. learner.lr=1e-4 merger.alpha=0.5 benchmark.num_tasks=4 "
+                        "(cl-merge list shows every key)")
 
-    sub.add_parser("list", help="list benchmarks, strategies, learners and mergers")
+    sub.add_parser("list", help="list benchmarks, strategies, learners, mergers and run.* settings",
+                   description="Every registered component with its hyperparameters and defaults.")
 
-    rep = sub.add_parser("report", help="tabulate result files (rich table, Markdown, CSV)")
-    rep.add_argument("paths", nargs="+", type=Path)
+    rep = sub.add_parser("report", help="tabulate result files (rich table, Markdown, CSV)",
+                         description="Tabulate result files; runs that differ only in hyperparameters get "
+                                     "a column naming the difference.")
+    rep.add_argument("paths", nargs="+", type=Path, help="result files or directories (searched recursively)")
     rep.add_argument("--markdown", type=Path, help="also write a Markdown table here")
     rep.add_argument("--csv", type=Path, help="also write a CSV here")
 
-    d = sub.add_parser("demo", help="every registered strategy on the embedded mini suite, then a report")
-    d.add_argument("--out", type=Path, default=Path("results/demo"))
-    d.add_argument("--order", default=None)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--strategies", nargs="*", help="default: all registered strategies")
-    d.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("demo", help="every registered strategy on the embedded mini suite, then a report",
+                       description="Every registered strategy (or --strategies) on the offline mini suite, then a "
+                                   "report. key=value overrides apply to every run, e.g. "
+                                   "benchmark.num_tasks=2 learner.steps=5 for a tiny demo.")
+    d.add_argument("--out", type=Path, default=Path("results/demo"), help="results directory")
+    d.add_argument("--order", default=None, help="task order id (default: the mini suite's)")
+    d.add_argument("--seed", type=int, default=0, help="run seed")
+    d.add_argument("--strategies", nargs="*", help="these strategies only (default: every registered one)")
+    d.add_argument("--quiet", action="store_true", help="no live progress")
     d.add_argument("--jobs", type=int, default=None,
                    help="worker processes running strategies side by side (default: 2 when the machine has "
                         "2+ cores, else 1); 1 shows each run's live progress")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings for every run, e.g. benchmark.num_tasks=2 learner.steps=5 run.sar=false; "
+                        "a key a strategy's components lack is an error")
 
     lb = sub.add_parser("leaderboard", help="run a grid (strategies x orders x task counts), skipping finished "
                                             "runs, then report mean ± std over orders")
@@ -95,14 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, helptext in (("delta-hist", "log10 |Δθ| histograms of learners' experts (SAIM Fig. 2)"),
                            ("disentanglement", "weight-disentanglement error ξ(α1, α2) (SAIM Eq. 13/35, Fig. 3/5)")):
         k = kinds.add_parser(name, help=helptext)
-        k.add_argument("--benchmark", default="mini")
+        k.add_argument("--benchmark", default="mini", help="benchmark the experts are trained on")
         k.add_argument("--learners", nargs="+", default=["adam", "sa_bcd"],
                        help="one panel per learner (default: adam sa_bcd)")
-        k.add_argument("--order", default=None)
-        k.add_argument("--seed", type=int, default=0)
+        k.add_argument("--order", default=None, help="task order id (default: the benchmark's)")
+        k.add_argument("--seed", type=int, default=0, help="expert seed")
         k.add_argument("--out", type=Path, required=True, help="PNG path")
         k.add_argument("--data", type=Path, help="also write the plotted numbers as JSON here")
-        k.add_argument("--quiet", action="store_true")
+        k.add_argument("--quiet", action="store_true", help="no live progress")
         if name == "delta-hist":
             k.add_argument("--tasks", nargs="+", help="task names or stream positions (default: the first 3)")
         else:
@@ -150,11 +180,25 @@ def _summary(result, path) -> None:
                   "diverged (run.on_divergence=record)")
         out.print(f"results: {path}")
         return
-    out.print(f"[bold]{result['strategy']}[/] ({result['protocol']}) on {result['benchmark']} "
-              f"[{len(result['tasks'])} tasks, order {result['order']}, seed {result['seed']}]: "
-              f"ACC {pct(result['acc'])}  BWT {pct(result['bwt'])}  FWT {pct(result['fwt'])}  "
-              f"norm. ACC {pct(result['normalized_acc'])}  SAR {_sar(result)}  ({result['timings']['wall_s']:.1f} s)")
-    out.print(f"results: {path}")
+    from rich.columns import Columns
+    from rich.text import Text
+
+    from .normalization import independent_normalized_acc
+
+    timings = result["timings"]
+    train = f", {timings['train_s']:.1f} s training" if timings.get("train_s") is not None else ""
+    items = [f"ACC {pct(result['acc'])}", f"BWT {pct(result['bwt'])}", f"FWT {pct(result['fwt'])}",
+             f"norm. ACC {pct(independent_normalized_acc(result))} (÷ independent experts)",
+             f"own-expert norm. ACC {pct(result['normalized_acc'])}",
+             f"SAR {_sar(result)}", f"({timings['wall_s']:.1f} s{train})"]
+    head = (f"[bold]{result['strategy']}[/] ({result['protocol']}) on {result['benchmark']} "
+            f"[{len(result['tasks'])} tasks, order {result['order']}, seed {result['seed']}]:")
+    if out.is_terminal:  # each "label value" stays on one line when the terminal is narrow
+        out.print(head)
+        out.print(Columns([Text(i, no_wrap=True) for i in items], padding=(0, 2)))
+    else:  # a log: one line
+        out.print(head + " " + "  ".join(items), soft_wrap=True, highlight=False)
+    out.print(f"results: {path}", soft_wrap=True)
 
 
 SAR_SCOPE_LABELS = {"seen_tasks": "seen tasks", "current_task": "current task", "all_tasks": "all tasks"}
@@ -171,29 +215,59 @@ def _sar(result) -> str:
 def cmd_list(_args) -> int:
     from rich.table import Table
 
-    from .config import list_hyperparameters, supported_protocols
+    from .config import RunSettings, list_hyperparameters, supported_protocols
     from .registry import BENCHMARKS, LEARNERS, MERGERS, STRATEGIES
 
-    t = Table(title="strategies")
-    for c in ("name", "learner", "merger", "protocol", "hyperparameters", "description"):
-        t.add_column(c)
+    def table(title, columns):
+        t = Table(title=title)
+        for c in columns:  # fold, never cut: every hyperparameter is shown whole
+            t.add_column(c, overflow="fold")
+        return t
+
+    t = table("strategies", ("name", "learner", "merger", "protocol", "hyperparameters", "description"))
     for name in STRATEGIES.names():
         s = STRATEGIES.get(name)
         t.add_row(name, s.learner, s.merger, s.protocol,
                   " ".join(f"{k}={v}" for k, v in s.hyperparameters.items()), s.description)
     out.print(t)
     for title, registry in (("learners", LEARNERS), ("mergers", MERGERS), ("benchmarks", BENCHMARKS)):
-        t = Table(title=title)
         columns = ("name", "protocols", "hyperparameters", "description") if registry is MERGERS else \
             ("name", "hyperparameters", "description")
-        for c in columns:
-            t.add_column(c)
+        t = table(title, columns)
         for name in registry.names():
             cls = registry.get(name)
             protocols = [", ".join(supported_protocols(cls))] if registry is MERGERS else []
             t.add_row(name, *protocols, " ".join(list_hyperparameters(cls)), cls.description)
         out.print(t)
+    t = table("run settings (run.KEY=VALUE, every run)", ("setting", "default", "meaning"))
+    for key, default, meaning in run_settings_rows(RunSettings):
+        t.add_row(f"run.{key}", default, meaning)
+    out.print(t)
     return 0
+
+
+def run_settings_rows(cls):
+    """(key, default, meaning) per run.* setting; the meaning is the comment beside its field."""
+    import inspect
+    import re
+
+    comments = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    pending = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+)\s*:[^=]+=\s*[^#]*(?:#\s*(.*))?$", stripped)
+        if match:
+            comments[match.group(1)] = " ".join(pending + ([match.group(2)] if match.group(2) else []))
+        pending = []
+    defaults = cls.defaults()
+    return [(k, repr(defaults.get(k)), comments.get(k, "")) for k in cls.hyperparameters()]
 
 
 def cmd_report(args) -> int:

@@ -15,7 +15,7 @@ def cmd_demo(args) -> int:
     from .demo import demo_configs, run_demo
     from .io import write_text_atomic
 
-    configs = demo_configs(args.strategies, args.order, args.seed)
+    configs = demo_configs(args.strategies, args.order, args.seed, getattr(args, "overrides", None))
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
@@ -45,6 +45,7 @@ def cmd_demo(args) -> int:
 
 def cmd_leaderboard(args) -> int:
     from . import leaderboard as lb
+    from .grid.formatting import shared_settings_note
     from .io import write_text_atomic
 
     if args.address and args.engine != "ray":
@@ -98,19 +99,21 @@ def cmd_leaderboard(args) -> int:
         base_title = grid.title or f"leaderboard: {grid.benchmark}"
         out.print(lb.rich_table(defaults, f"{base_title} — defaults"))
         text = (lb.markdown(rows, f"{base_title} — tuned on validation ({grid.select}, test split never read "
-                                  "for the choice)", reference)
-                + "\n" + lb.markdown(defaults, f"{base_title} — defaults", reference))
+                                  "for the choice)", reference, shared=grid.overrides)
+                + "\n" + lb.markdown(defaults, f"{base_title} — defaults", reference, shared=grid.overrides))
         grid_title = f"{base_title} — tuned on validation ({grid.select})"
     else:
         grid_title = grid.title
     out.print(lb.rich_table(rows, grid_title))
-    for note in lb.footnotes(rows) + (lb.reference_notes(rows, reference) if reference else []):
-        out.print(f"  {note}", highlight=False)
+    for note in (lb.footnotes(rows) + (lb.reference_notes(rows, reference) if reference else [])
+                 + [shared_settings_note(grid.overrides)]):
+        out.print(f"  {note}", highlight=False, soft_wrap=not out.is_terminal)
     if markdown_path:
-        write_text_atomic(markdown_path, text if text is not None else lb.markdown(rows, grid.title, reference))
+        write_text_atomic(markdown_path, text if text is not None
+                          else lb.markdown(rows, grid.title, reference, shared=grid.overrides))
         out.print(f"markdown: {markdown_path}")
     if csv_path:
-        write_text_atomic(csv_path, lb.csv_text(rows))
+        write_text_atomic(csv_path, lb.csv_text(rows, shared=grid.overrides))
         out.print(f"csv: {csv_path}")
     if failed:
         err.print(f"cl-merge: {len(failed)} of {len(configs)} runs failed (each error above, once); fix them and "

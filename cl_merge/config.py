@@ -22,7 +22,7 @@ class RunSettings(Component):
     name = "run"
     eval_unseen: bool = True  # evaluate not-yet-seen tasks too (needed for FWT)
     device: str = "cpu"  # cpu | cuda | auto
-    eval_batch_size: PositiveInt = 256
+    eval_batch_size: PositiveInt = 256  # examples per evaluation batch
     threads: Optional[PositiveInt] = None  # torch intra-op threads; None = torch's default
     expert_cache: bool = True  # reuse independent-protocol experts across strategies
     cache_dir: Optional[str] = None  # default: <out>/.cache

@@ -18,13 +18,15 @@ from .grid.outcome import GridOutcome
 from .grid.plan import group_key, plan_groups  # noqa: F401  (re-exported)
 
 
-def demo_configs(strategies: Optional[Sequence[str]], order, seed: int) -> List[RunConfig]:
-    """The demo grid: one mini run per strategy (default: every registered one)."""
+def demo_configs(strategies: Optional[Sequence[str]], order, seed: int,
+                 overrides: Optional[Sequence[str]] = None) -> List[RunConfig]:
+    """The demo grid: one mini run per strategy (default: every registered one), ``overrides``
+    (``key=value``) applied to every run; every config is resolved (and so checked) before any runs."""
     from .config import resolve
     from .registry import STRATEGIES
 
     # one intra-op thread per run: the mini model is too small to gain from more (results do not depend on it)
-    return [resolve("mini", strategy=name, order=order, seed=seed, overrides=["run.threads=1"])
+    return [resolve("mini", strategy=name, order=order, seed=seed, overrides=["run.threads=1", *(overrides or [])])
             for name in (strategies or STRATEGIES.names())]
 
 

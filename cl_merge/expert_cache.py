@@ -76,6 +76,10 @@ class ExpertCache:
                 return None, why
         return state, None
 
+    def peek(self, key: str) -> Optional[StateDict]:
+        """The cached expert, or None; never locks, never trains (a read-only look-up)."""
+        return self._read(key)[0]
+
     def get(self, key: str) -> Optional[StateDict]:
         """The cached expert, or None; on None this process holds the entry's lock until ``put`` (or
         ``release``), so another process wanting the same expert waits for it instead of training it."""

@@ -60,6 +60,8 @@ final step and normalized ACC as mean ± sample standard deviation (n − 1) ove
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 from typing import Sequence
 
@@ -81,19 +83,41 @@ __all__ = ["Grid", "GridEntry", "GridOutcome", "Row", "aggregate", "collect", "c
 
 
 def run_grid(configs: Sequence[RunConfig], out_dir: Path, progress: bool = True, console=None) -> GridOutcome:
-    """Execute every config whose result file is missing (resume=True), one line per run on ``console``."""
+    """Execute every config whose result file is missing (resume=True), one line per run on ``console``,
+    under an overall bar with ETA (``progress``; off a terminal, one timestamped line per run)."""
+    from .progress import overall
 
     def head(i: int, config: RunConfig) -> str:
         return (f"[{i}/{len(configs)}] {config.label} ({config.protocol}) "
                 f"T={config.benchmark_params.get('num_tasks') or 'all'} order {config.order} seed {config.seed}")
 
-    if console is None:
-        return run_local(configs, out_dir, progress=progress)
+    with overall(f"grid: {len(configs)} runs", total=len(configs), enabled=progress) as bar:
+        if console is None:
+            return run_local(configs, out_dir, progress=progress, on_skip=lambda i, c: bar.skip(),
+                             on_done=lambda *_: bar.advance())
 
-    def done(i, config, result, _path, seconds):
-        score = "diverged" if result.get("diverged") else f"ACC {100 * result['acc']:.1f}"
-        console.print(f"{head(i, config)}: {score} in {seconds:.1f} s", highlight=False)
+        def done(i, config, result, _path, seconds):
+            score = "diverged" if result.get("diverged") else f"ACC {100 * result['acc']:.1f}"
+            console.print(f"{head(i, config)}: {score} in {seconds:.1f} s", highlight=False)
+            bar.advance()
 
-    return run_local(configs, out_dir, progress=progress,
-                     on_skip=lambda i, c: console.print(f"{head(i, c)}: finished earlier, skipped", highlight=False),
-                     on_start=lambda i, c: console.rule(head(i, c)), on_done=done)
+        def skipped(i, config):
+            console.print(f"{head(i, config)}: finished earlier, skipped", highlight=False)
+            bar.skip()
+
+        return run_local(configs, out_dir, progress=progress, on_skip=skipped,
+                         on_start=lambda i, c: console.rule(head(i, c)), on_done=done)
+
+
+class _CallableModule(types.ModuleType):
+    """``cl_merge.leaderboard(...)`` is the API's leaderboard call (cl_merge.api.leaderboard) whether
+    the name resolves to that function or to this module (importing a submodule sets the package's
+    attribute to the module)."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import leaderboard
+
+        return leaderboard(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,6 +1,7 @@
 """Continual-learning metrics on the accuracy matrix.
 
-A[t][i] (t = 0..T, i = 1..T) is stored 0-based by column: ``matrix[t][i-1]``; row 0 is θ0.
+``matrix[t][i]`` (t = 0..T, i = 0..T-1): the model after step t (row 0 = θ0) on ``tasks[i]``, 0-based
+like the stored arrays and the formulas in ``CONVENTIONS``.
 Conventions (recorded in every result): BWT uses the GEM/SAIM denominator T−1; FWT compares the
 model just before learning task i with θ0 on task i.
 """
@@ -11,22 +12,32 @@ from typing import List, Optional, Sequence
 
 Matrix = Sequence[Sequence[Optional[float]]]
 
+#: every formula indexes the stored arrays as they are: 0-based, ``acc_matrix[t][i]`` = the model after step
+#: t (row 0 = θ0, row t = after task t) on the task in column i (column i = the (i+1)-th task of the stream)
 CONVENTIONS = {
-    "acc": "mean_i A[T][i] over all T tasks",
-    "bwt": "1/(T-1) * sum_{i<T} (A[T][i] - A[i][i])",
-    "fwt": "1/(T-1) * sum_{i>1} (A[i-1][i] - A[0][i]); null if unseen tasks were not evaluated",
-    "normalized_acc": "mean_i A[T][i] / expert_acc[i]",
-    "acc_matrix": "row t = after step t (row 0 = pre-trained), column i-1 = task i, in [0, 1]",
+    "indexing": "0-based, as stored: A = acc_matrix, A[t][i] = row t (0 = pre-trained, t = after step t), "
+                "column i = tasks[i], i = 0..T-1; E = expert_acc",
+    "acc": "mean_{i=0..T-1} A[T][i]",
+    "bwt": "1/(T-1) * sum_{i=0..T-2} (A[T][i] - A[i+1][i])",
+    "fwt": "1/(T-1) * sum_{i=1..T-1} (A[i][i] - A[0][i]); null if unseen tasks were not evaluated",
+    "normalized_acc": "mean_{i=0..T-1} A[T][i] / E[i] (the run's own experts)",
+    "normalized_acc_independent": "mean_{i=0..T-1} A[T][i] / independent_expert_acc[i] (experts fine-tuned "
+                                  "from θ0 on task i alone; the tables' norm. ACC)",
+    "acc_matrix": "row t = after step t (row 0 = pre-trained), column i = tasks[i], in [0, 1]",
 }
 
 #: the multitask protocol (every expert merged in one call, docs/protocol.md): the matrix has two rows
 CONVENTIONS_MULTITASK = {
-    "acc": "mean_i A[1][i] over all T tasks (row 1 = the merged model)",
-    "bwt": "null: no model is deployed after each task, so there is no A[i][i] to forget from; "
+    "indexing": "0-based, as stored: A = acc_matrix, A[0] = pre-trained, A[1] = the merged model; "
+                "column i = tasks[i], i = 0..T-1; E = expert_acc",
+    "acc": "mean_{i=0..T-1} A[1][i] (row 1 = the merged model)",
+    "bwt": "null: no model is deployed after each task, so there is no A[i+1][i] to forget from; "
            "the gap to each expert is normalized_acc",
     "fwt": "null: no model sits between tasks",
-    "normalized_acc": "mean_i A[1][i] / expert_acc[i]",
-    "acc_matrix": "two rows: row 0 = pre-trained, row 1 = the merged model; column i-1 = task i, in [0, 1]",
+    "normalized_acc": "mean_{i=0..T-1} A[1][i] / E[i] (the independent experts)",
+    "normalized_acc_independent": "the same as normalized_acc (the multitask protocol's experts are the "
+                                  "independent experts)",
+    "acc_matrix": "two rows: row 0 = pre-trained, row 1 = the merged model; column i = tasks[i], in [0, 1]",
     "sar": "one entry: the mean over all T tasks of SAR(expert_i - θ0, merged - θ0); per task in sar_per_task[0]",
 }
 
@@ -81,7 +92,7 @@ def fwt(matrix: Matrix) -> Optional[float]:
     T = _T(matrix)
     if T < 2:
         return None
-    cells = [(matrix[i][i], matrix[0][i]) for i in range(1, T)]  # A[i-1][i] in 1-based terms
+    cells = [(matrix[i][i], matrix[0][i]) for i in range(1, T)]  # the model just before task i, and θ0
     if any(a is None or b is None for a, b in cells):
         return None
     return sum(a - b for a, b in cells) / (T - 1)

@@ -91,7 +91,8 @@ class StepRecord:
 
 
 PER_STEP_KEYS = ("acc_matrix", "expert_acc", "sar", "expert_source", "step_timings", "sar_current", "sar_per_task",
-                 "sar_skipped_layers", "sar_rank_mean", "merge_record", "store_steps", "merger_state_bytes")
+                 "sar_skipped_layers", "sar_rank_mean", "merge_record", "store_steps", "merger_state_bytes",
+                 "expert_cache_keys")
 
 
 def logical_bytes(store) -> int:
@@ -167,6 +168,9 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
             expert, source = experts.get(task, t, start, label=f"step {t}/{T} fine-tune {task.name}")
             expert = storage.wrap(expert)
         fit_s = time.perf_counter() - t_fit
+        # which expert-cache entry the step used (null: not shared through the cache)
+        record["expert_cache_keys"].append(
+            experts.cache_key(task, t) if experts.cache is not None and not storage.experts_from_files else None)
 
         t_eval = time.perf_counter()
         with storage.showing_expert(adapter, expert):
@@ -200,9 +204,10 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
             context.record.update(fisher_samples=samples, fisher_s=seconds, fisher_source=fisher_source)
         deployed_writer, state_writer, scratch_writer, release = storage.writers(t)
         storage.reset_peak()
-        result = merge_step(merger, StepInputs(theta0, deployed, expert, start, t), state,
-                            deployed_writer=deployed_writer, state_writer=state_writer,
-                            scratch_writer=scratch_writer, release=release, context=context, names=names)
+        with reporter.task(f"step {t}/{T} merge ({merger.name})", total=None):
+            result = merge_step(merger, StepInputs(theta0, deployed, expert, start, t), state,
+                                deployed_writer=deployed_writer, state_writer=state_writer,
+                                scratch_writer=scratch_writer, release=release, context=context, names=names)
         store_info = {"merge_passes": result.passes, "merge_peak_live_bytes": storage.tracker_peak(),
                       **storage.step_info(result.deployed, result.state)}
         record["merger_state_bytes"].append(logical_bytes(result.state))
@@ -210,7 +215,8 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         check_step(t, task.name, expert, result.deployed)
 
         t_sar = time.perf_counter()
-        sar_step = sar.step(t, theta0, start, expert, result.deployed) if sar is not None else {}
+        with reporter.task(f"step {t}/{T} SAR", total=None):
+            sar_step = sar.step(t, theta0, start, expert, result.deployed) if sar is not None else {}
         sar_s = time.perf_counter() - t_sar
 
         t_eval = time.perf_counter()
@@ -255,11 +261,13 @@ class Gathered:
         self.fishers: List[Dict[str, Any]] = []
         self.fisher_info: Dict[str, list] = {"fisher_samples": [], "fisher_s": [], "fisher_source": []}
         self.fit_s = self.eval_s = 0.0
+        self.fit_s_per_expert: List[float] = []  # training or cache read, per expert (timings.train_s)
 
     def add(self, expert, expert_acc: float, source: str, fit_s: float, eval_s: float) -> None:
         self.experts.append(dict(expert))
         self.record_expert.append((expert_acc, source))
         self.fit_s += fit_s
+        self.fit_s_per_expert.append(fit_s)
         self.eval_s += eval_s
 
     def add_fisher(self, diagonal, samples, seconds, source) -> None:
@@ -305,7 +313,8 @@ class Gathered:
         record["sar_per_task"].append(sar_step.get("per_task"))
         record["sar_skipped_layers"].append(sar_step.get("skipped_layers"))
         record["sar_rank_mean"].append(sar_step.get("rank_mean"))
-        record["step_timings"].append({"fit_s": self.fit_s, "fisher_s": sum(self.fisher_info["fisher_s"]),
+        record["step_timings"].append({"fit_s": self.fit_s, "fit_s_per_expert": self.fit_s_per_expert,
+                                       "fisher_s": sum(self.fisher_info["fisher_s"]),
                                        "merge_s": merge_s, "eval_s": eval_s, "sar_s": sar_s})
         record["merge_record"].append(merge_record)
         record["merger_state_bytes"].append(0)  # one merge, no state carried between steps

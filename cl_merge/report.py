@@ -9,11 +9,16 @@ from typing import Any, Dict, List, Optional, Sequence
 from rich.table import Table
 
 COLUMNS = [
-    ("strategy", "strategy"), ("protocol", "protocol"), ("benchmark", "benchmark"), ("T", "T"),
-    ("order", "order"), ("seed", "seed"), ("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"),
-    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("wall s", "wall_s"),
+    ("strategy", "strategy"), ("settings", "settings"), ("protocol", "protocol"), ("benchmark", "benchmark"),
+    ("T", "T"), ("order", "order"), ("seed", "seed"), ("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"),
+    ("norm. ACC", "normalized_acc"), ("SAR", "sar"), ("wall s", "wall_s"), ("train s", "train_s"),
 ]
-_PERCENT = {"acc", "bwt", "fwt", "normalized_acc"}
+NOTE = ("ACC, BWT (denominator T−1), FWT and normalized ACC in %; norm. ACC divides by the independent experts' "
+        "accuracy (fine-tuned from θ0 on each task alone) for every strategy, – where unknown; SAR (subspace "
+        "alignment ratio) after the final step, in [0, 1]; wall s includes train s, the seconds spent training "
+        "experts (0 when the expert cache held them); settings: the hyperparameters that tell same-named runs "
+        "apart; ")
+_PERCENT = {"acc", "bwt", "fwt", "normalized_acc", "normalized_acc_own"}
 _METRICS = _PERCENT | {"sar"}
 SCOPE_TEXT = {"seen_tasks": "mean over the seen tasks", "current_task": "current task only"}
 
@@ -27,18 +32,55 @@ def scope_note(table_rows: List[Dict[str, Any]]) -> str:
 
 
 def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    from .normalization import independent_experts, independent_normalized_acc
+
+    experts = independent_experts(results)
+    settings = distinguishing_settings(results)
     out = []
-    for r in results:
+    for r, distinct in zip(results, settings):
+        timings = r.get("timings") or {}
         out.append({
-            "strategy": r["strategy"], "protocol": r["protocol"], "benchmark": r["benchmark"],
+            "strategy": r["strategy"], "settings": distinct, "protocol": r["protocol"], "benchmark": r["benchmark"],
             "T": len(r["tasks"]), "order": r["order"], "seed": r["seed"], "acc": r["acc"], "bwt": r["bwt"],
-            "fwt": r["fwt"], "normalized_acc": r["normalized_acc"],
+            "fwt": r["fwt"],
+            # one denominator for every strategy: the independent experts (cl_merge.normalization)
+            "normalized_acc": independent_normalized_acc(r, experts),
+            "normalized_acc_own": r["normalized_acc"],
             "sar": (r.get("sar") or [None])[-1],  # after the final step
             "sar_scope": r.get("sar_scope"),  # seen_tasks (mean over seen tasks) or current_task
-            "wall_s": (r.get("timings") or {}).get("wall_s"),
+            "wall_s": timings.get("wall_s"), "train_s": timings.get("train_s"),
+            "cache_read_s": timings.get("cache_read_s"),
             "diverged": bool(r.get("diverged")),
         })
-    return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"])))
+    return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"]), x["settings"]))
+
+
+def _settings_of(result: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: v for k, v in (result.get("hyperparameters") or {}).items() if k != "benchmark.num_tasks"}
+    out.update({f"run.{k}": v for k, v in (result.get("run_settings") or {}).items()})
+    return out
+
+
+def distinguishing_settings(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """Per result, the settings in which it differs from other runs of the same strategy, protocol,
+    benchmark and T ("" when none): two c-ta runs differing only in lr read "learner.lr=…"."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["benchmark"], r["strategy"], r["protocol"], len(r["tasks"])), []).append(_settings_of(r))
+    out = []
+    for r in results:
+        mine, peers = _settings_of(r), groups[(r["benchmark"], r["strategy"], r["protocol"], len(r["tasks"]))]
+        differing = sorted({k for p in peers for k in set(p) | set(mine) if p.get(k) != mine.get(k)})
+        out.append(", ".join(f"{k}={mine.get(k)}" for k in differing))
+    return out
+
+
+def columns_of(table_rows: List[Dict[str, Any]]):
+    """The table's columns: "settings" only when some runs need it to be told apart, "train s" only when
+    recorded."""
+    keep_settings = any(r.get("settings") for r in table_rows)
+    keep_train = any(r.get("train_s") is not None for r in table_rows)
+    return [(h, k) for h, k in COLUMNS if (k != "settings" or keep_settings) and (k != "train_s" or keep_train)]
 
 
 def cell(row: Dict[str, Any], key: str) -> str:
@@ -53,7 +95,7 @@ def fmt(key: str, value: Any) -> str:
         return "–"
     if key in _PERCENT:
         return f"{100 * value:.1f}"
-    if key == "wall_s":
+    if key in ("wall_s", "train_s", "cache_read_s"):
         return f"{value:.1f}"
     if key == "sar":
         return f"{value:.3f}"
@@ -62,25 +104,28 @@ def fmt(key: str, value: Any) -> str:
 
 def rich_table(table_rows: List[Dict[str, Any]], title: str = "cl_merge results (ACC/BWT/FWT in %)") -> Table:
     table = Table(title=f"{title}; {scope_note(table_rows)}")
-    for header, key in COLUMNS:
-        table.add_column(header, justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed", "sar"} else "left")
+    columns = columns_of(table_rows)
+    for header, key in columns:  # fold, never cut: a cell is shown whole at any width
+        table.add_column(header, overflow="fold",
+                         justify="right" if key in _PERCENT or key in {"T", "wall_s", "seed", "sar"} else "left")
     for row in table_rows:
-        table.add_row(*(cell(row, key) for _, key in COLUMNS))
+        table.add_row(*(cell(row, key) for _, key in columns))
     return table
 
 
 def markdown(table_rows: List[Dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |",
-             "|" + "|".join("---:" if k in _PERCENT or k in {"T", "wall_s", "seed", "sar"} else "---" for _, k in COLUMNS) + "|"]
+    columns = columns_of(table_rows)
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "|".join("---:" if k in _PERCENT or k in {"T", "wall_s", "seed", "sar"} else "---" for _, k in columns) + "|"]
     for row in table_rows:
-        lines.append("| " + " | ".join(cell(row, k) for _, k in COLUMNS) + " |")
-    return "\n".join(lines) + ("\n\nACC, BWT (denominator T−1), FWT and normalized ACC in %; SAR (subspace alignment "
-                                "ratio) after the final step, in [0, 1]; " + scope_note(table_rows) + ".\n")
+        lines.append("| " + " | ".join(cell(row, k) for _, k in columns) + " |")
+    return "\n".join(lines) + ("\n\n" + NOTE + scope_note(table_rows) + ".\n")
 
 
 def csv_text(table_rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS] + ["sar_scope", "diverged"])
+    writer = csv.DictWriter(buf, fieldnames=[k for _, k in COLUMNS] + ["normalized_acc_own", "train_s",
+                                                                         "cache_read_s", "sar_scope", "diverged"])
     writer.writeheader()
     for row in table_rows:
         writer.writerow({k: ("diverged" if row.get("diverged") and k in _METRICS else v) for k, v in row.items()})
@@ -88,12 +133,15 @@ def csv_text(table_rows: List[Dict[str, Any]]) -> str:
 
 
 def matrix_table(result: Dict[str, Any], title: Optional[str] = None) -> Table:
-    """The accuracy matrix of one run: rows = after step t (0 = pre-trained), columns = tasks."""
+    """The accuracy matrix of one run: rows = after step t (0 = pre-trained), columns = tasks.
+
+    Task names are never cut: in a log they take their width, on a narrow terminal they fold onto
+    more lines (whole names, no ellipsis)."""
     table = Table(title=title or f"accuracy matrix (%) — {result['strategy']}")
-    table.add_column("after")
+    table.add_column("after", overflow="fold")
     for name in result["tasks"]:
-        table.add_column(name[:10], justify="right")
-    labels = ["θ0"] + [f"{t}: {n[:10]}" for t, n in enumerate(result["tasks"], start=1)]
+        table.add_column(name, justify="right", overflow="fold")
+    labels = ["θ0"] + [f"{t}: {n}" for t, n in enumerate(result["tasks"], start=1)]
     if result.get("protocol") == "multitask":  # two rows: θ0 and the one merge of every expert
         labels = ["θ0", "merged"]
     for label, row in zip(labels, result["acc_matrix"]):

@@ -25,11 +25,16 @@ STABLE_KEYS = (
 )
 # keys that differ between two runs of the same config + seed
 # expert_source depends on what the cache already held (provenance, not a result)
-VOLATILE_KEYS = ("timings", "peak_memory_bytes", "environment", "git_commit", "created", "expert_source")
+# command_line: how this process was started; independent_expert_acc / normalized_acc_independent of a
+# sequential run: present only when the expert cache already held the independent experts
+VOLATILE_KEYS = ("timings", "peak_memory_bytes", "environment", "git_commit", "created", "expert_source",
+                 "command_line", "independent_expert_acc", "normalized_acc_independent")
 MARKER = ".cl_merge"
 
 _PACKAGES = ("cl_merge", "torch", "torchvision", "open_clip_torch", "avalanche-lib", "datasets", "numpy",
-             "scipy", "safetensors", "transformers")
+             "scipy", "safetensors", "transformers",
+             # the scorers behind TRACE and MergeBench numbers (null where not installed)
+             "lm-eval", "rouge", "rouge-score", "rapidfuzz", "fuzzywuzzy", "evalplus")
 
 
 def environment(device: str) -> Dict[str, Any]:

@@ -23,6 +23,8 @@ from .io import sweep_temps, warn, write_json_atomic
 from .progress import Reporter
 from .protocol import run_protocol
 from .results import SCHEMA_VERSION, check_results_dir, ensure_results_dir, environment, git_commit, load_result, peak_memory_bytes
+from .normalization import INDEPENDENT_EXPERTS, normalized
+from .provenance import command_line, created, rerun_command, weight_sha256
 from .sar import SARMeter
 
 DEFAULT_OUT = Path("results/runs")
@@ -131,6 +133,10 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
                                   cache=cache, reporter=reporter, sar=sar, storage=storage)
             benchmark.finish_run(stream, record)
             record["val_acc"] = final_validation(adapter, stream.tasks)
+            record["weight_sha256"] = weight_sha256(record["deployed"])
+            if config.protocol not in INDEPENDENT_EXPERTS and cache is not None and storage.kind == "memory":
+                record["independent_expert_acc"] = cached_independent_experts(
+                    adapter, learner, config, cache, stream.tasks)
     except Diverged as exc:
         if settings.on_divergence != "record":
             raise  # the last good checkpoint stays; no results file
@@ -176,6 +182,39 @@ def final_validation(adapter, tasks) -> List[Optional[float]]:
         out.append(None if val is None or len(val) == 0 else adapter.evaluate(task, "val"))
     return out
 
+def cached_independent_experts(adapter, learner, config: RunConfig, cache: ExpertCache,
+                               tasks) -> Optional[List[Optional[float]]]:
+    """A sequential run's independent experts' accuracy (normalized ACC's denominator,
+    ``cl_merge.normalization``) when the expert cache already holds every one of them; None otherwise.
+    Read-only: no expert is trained for it. Leaves the adapter showing the last expert read."""
+    from .expert_provider import ExpertProvider
+
+    provider = ExpertProvider(adapter, learner, config.learner, "independent", config.seed, cache)
+    if provider.cache is None:  # this learner's experts are not shared (e.g. stateful learners)
+        return None
+    experts = [provider.cache.peek(provider.cache_key(task, t)) for t, task in enumerate(tasks, start=1)]
+    if any(e is None for e in experts):
+        return None
+    out: List[Optional[float]] = []
+    for task, expert in zip(tasks, experts):
+        adapter.set_state(expert)
+        out.append(adapter.evaluate(task))
+    return out
+
+
+def split_fit_time(steps, sources) -> Dict[str, float]:
+    """fit_s split by where each expert came from: trained now (``train_s``), read from the expert cache
+    (``cache_read_s``) or opened from expert files (``expert_load_s``)."""
+    per_expert: List[float] = []
+    for step in steps:
+        per_expert += step.get("fit_s_per_expert") or [step["fit_s"]]
+    out = {"train_s": 0.0, "cache_read_s": 0.0, "expert_load_s": 0.0}
+    for seconds, source in zip(per_expert, sources):
+        key = "cache_read_s" if source == "cache" else "expert_load_s" if source == "checkpoint" else "train_s"
+        out[key] += seconds
+    return out
+
+
 def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any], device: str,
              setup_s: float, wall_s: float, diverged: Optional[Diverged] = None) -> Dict[str, Any]:
     """The results file. A diverged run (``run.on_divergence=record``) keeps the rows it finished but
@@ -185,6 +224,8 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
     scores = metrics.summary(matrix, record["expert_acc"], config.protocol) if diverged is None else {}
     steps = record["step_timings"]
     scored = diverged is None
+    independent_acc = (record["expert_acc"] if config.protocol in INDEPENDENT_EXPERTS
+                       else record.get("independent_expert_acc"))
     timings = {
         "setup_s": setup_s,
         "pretrained_eval_s": record.get("pretrained_eval_s"),
@@ -193,6 +234,8 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "eval_s": sum(s["eval_s"] for s in steps),
         "sar_s": sum(s.get("sar_s", 0.0) for s in steps),
         "wall_s": wall_s,
+        # fit_s split by the experts' source: wall_s of two runs is comparable only with equal train_s
+        **split_fit_time(steps, record.get("expert_source") or []),
         "per_step": steps,
     }
     return {
@@ -226,6 +269,18 @@ def assemble(config: RunConfig, task_names, model_id: str, record: Dict[str, Any
         "expert_source": record["expert_source"],
         "run_settings": recorded_settings(config.run_params),
         "conventions": metrics.conventions(config.protocol),
+        "created": created(),
+        "command_line": command_line(),
+        "rerun_command": rerun_command(config),
+        # the final deployed model's mergeable parameters (cl_merge.provenance.weight_sha256)
+        "weight_sha256": record.get("weight_sha256"),
+        # per expert: its expert-cache entry (null: not shared through the cache)
+        "expert_cache_keys": record.get("expert_cache_keys"),
+        # normalized ACC over the independent experts (cl_merge.normalization); normalized_acc uses the
+        # run's own experts, which for sequential strategies were trained from the deployed model
+        "independent_expert_acc": independent_acc,
+        "normalized_acc_independent": None if not scored or independent_acc is None
+        else normalized(matrix[-1], independent_acc),
         # SAR detail: `sar` is the mean over the tasks in `sar_scope` (current task, or every seen task
         # with run.sar_store=true); `sar_current` is always the current task's value
         "sar_scope": record.get("sar_scope"),

@@ -114,7 +114,7 @@ from cl_merge.merger import Merger
 from cl_merge.numerics import FAST_PATH_BOUND, float32_suffices, null_tolerance  # noqa: F401  (re-exported)
 from cl_merge.registry import register_merger
 from cl_merge.spectral import float32_may_do
-from cl_merge.tensor_kinds import Kind, RuleTable, flatten_conv, map_blocks, rule_for
+from cl_merge.tensor_kinds import Kind, flatten_conv, map_blocks, rule_for
 
 
 def spectrum_factors(sigma: torch.Tensor, t: int, rank: int, rtol: float) -> torch.Tensor:

@@ -2,8 +2,6 @@
 bit-identical results to the in-memory store under the one merge executor and the one protocol loop,
 and a step holds far less than base + previous + expert."""
 
-import json
-import math
 
 import pytest
 import torch

@@ -44,6 +44,11 @@ def test_plain_install_puts_them_under_cl_merge_only(tmp_path):
     assert (target / "cl_merge" / "strategies" / "catalog.py").exists()
     weights = list((target / "cl_merge" / "benchmarks" / "mini" / "weights").glob("*.safetensors"))
     assert weights, "the mini suite's pre-trained weights must ship in the wheel"
+    assert (target / "cl_merge" / "py.typed").exists(), "the package declares its type hints (PEP 561)"
+    dist = next(target.glob("cl_merge-*.dist-info"))
+    meta = (dist / "METADATA").read_text()
+    assert "Summary: Continual learning x model merging" in meta and "Keywords:" in meta
+    assert "Classifier: Typing :: Typed" in meta
     info = probe(cwd=tmp_path, pythonpath=target)
     assert Path(info["strategies"]).is_relative_to(target)
     assert Path(info["weights"]).is_relative_to(target)

@@ -15,6 +15,7 @@ import _ray_faults
 
 from cl_merge import leaderboard as lb
 from cl_merge import ray_engine
+from cl_merge.results import VOLATILE_KEYS
 from cl_merge.cli import main
 from cl_merge.results import ensure_results_dir
 from cl_merge.runner import result_path
@@ -37,7 +38,7 @@ max_retries = 2
 # the result keys that may differ between two executions of the same config: wall-clock timings,
 # the process's peak memory and environment, the checkout state (others edit it meanwhile), and where
 # each expert came from (the local runner's first strategy trains them, Ray's expert tasks do)
-VOLATILE = {"timings", "environment", "peak_memory_bytes", "git_commit", "expert_source"}
+VOLATILE = set(VOLATILE_KEYS)  # the documented set (docs/results-schema.md): created, command_line, timings, …
 
 
 def comparable(path):

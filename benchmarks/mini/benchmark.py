@@ -22,7 +22,8 @@ from cl_merge.registry import register_benchmark
 from cl_merge.task import Stream, Task, take_prefix
 
 from .data import TASKS, make_split
-from .pretrain import MODEL_NAME, load_pretrained, load_tokenizer
+# the model module (open_clip, ~2 s to import) is loaded when a model is built, not at registration
+MODEL_NAME = "cl-merge-mini-vit"  # = pretrain.MODEL_NAME
 
 HERE = Path(__file__).resolve().parent
 ORDERS_FILE = HERE / "orders.json"
@@ -55,6 +56,8 @@ class MiniBenchmark(Benchmark):
         return [int(k) for k in task_orders()]
 
     def build_model(self, cache_dir: Path, device: str, eval_batch_size: int) -> ClipClassifier:
+        from .pretrain import load_pretrained, load_tokenizer
+
         model = load_pretrained()
         return ClipClassifier(model, load_tokenizer(), model_id=f"open_clip:{MODEL_NAME}/mini-pretrained",
                               head_cache_dir=Path(cache_dir) / "heads", device=device,

@@ -2,7 +2,7 @@
 
 Run once (the result is shipped in ``weights/``)::
 
-    python -m benchmarks.mini.pretrain            # from the repository root
+    python -m cl_merge.benchmarks.mini.pretrain      # from any directory (the installed package)
 
 ``load_pretrained()`` builds the model from ``model_config/cl-merge-mini-vit.json`` and loads the
 shipped weights (stored in fp16, returned in fp32, eval mode).
@@ -88,7 +88,7 @@ def load_pretrained(path: str | Path | None = None) -> open_clip.CLIP:
 
     path = Path(path) if path is not None else WEIGHTS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"mini CLIP weights not found at {path}; run `python -m benchmarks.mini.pretrain`")
+        raise FileNotFoundError(f"mini CLIP weights not found at {path}; run `python -m cl_merge.benchmarks.mini.pretrain`")
     model = create_model()
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)
@@ -268,14 +268,18 @@ def save_weights(model, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pre-train the mini suite's tiny CLIP and write its weights.")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corpus-size", type=int, default=DEFAULT_CORPUS)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_FILE)
-    parser.add_argument("--no-progress", action="store_true")
+    parser = argparse.ArgumentParser(prog="python -m cl_merge.benchmarks.mini.pretrain",
+                                     description="Pre-train the mini suite's tiny CLIP and write its weights.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="captioned images per step")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus and the initialization")
+    parser.add_argument("--corpus-size", type=int, default=DEFAULT_CORPUS, help="generated captioned images")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak AdamW learning rate")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_FILE,
+                        help="weights file (its .json record is written beside it); the default replaces the "
+                             "shipped weights")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress")
     args = parser.parse_args(argv)
 
     stats: dict = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -126,11 +125,15 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def main(argv=None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m cl_merge.benchmarks.trace.fixtures OUT_DIR", file=sys.stderr)
-        return 2
-    out = Path(args[0])
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cl_merge.benchmarks.trace.fixtures",
+        description="Write a tiny random Llama (OUT_DIR/model) and synthetic tasks in TRACE's answer formats "
+                    "(OUT_DIR/data) for an offline dry run of the TRACE benchmark.")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write model/ and data/ into")
+    args = parser.parse_args(argv)
+    out = args.out_dir
     write_tiny_model(out / "model")
     write_synthetic_tasks(out / "data")
     print(f"wrote {out / 'model'} and {out / 'data'} ({', '.join(SYNTHETIC_TASKS)})")

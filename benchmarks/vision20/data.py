@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cl_merge.errors import UserError
 from cl_merge.io import write_json_atomic
+from cl_merge.console import log_line
 from cl_merge.progress import console
 
 from .model import Preprocess
@@ -311,7 +312,7 @@ class EvalSplit(Dataset):
     def _fill(self, out: np.ndarray) -> None:
         n = len(self.source)
         where = f" -> {self.cache_file}" if self.cache_file is not None else " (in memory)"
-        console.log(f"vision20: pre-processing {self.label}: {n} images at {self.preprocess.size}px{where}")
+        log_line(console, f"vision20: pre-processing {self.label}: {n} images at {self.preprocess.size}px{where}")
         decoder = _GeometrySplit(self.source, self.preprocess.geometry())
         loader = DataLoader(decoder, batch_size=64, shuffle=False, num_workers=self.num_workers,
                             collate_fn=_stack)
@@ -320,7 +321,7 @@ class EvalSplit(Dataset):
             out[done:done + len(batch)] = batch
             done += len(batch)
             if done >= next_report and done < n:
-                console.log(f"vision20: {self.label}: {done}/{n} images")
+                log_line(console, f"vision20: {self.label}: {done}/{n} images")
                 next_report += max(n // 10, 1)
 
     def __getitem__(self, i: int):

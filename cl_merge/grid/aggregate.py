@@ -66,6 +66,13 @@ METRICS = {"acc": lambda r: r.get("acc"), "bwt": lambda r: r.get("bwt"), "sar": 
 
 
 def aggregate(results: Sequence[Dict[str, Any]], reference: Optional[List[Dict[str, Any]]] = None) -> List[Row]:
+    from ..normalization import independent_experts, independent_normalized_acc
+
+    # normalized ACC over the independent experts for every strategy (cl_merge.normalization); the run's
+    # own experts' version as normalized_acc_own
+    experts = independent_experts(results)
+    metrics = dict(METRICS, normalized_acc=lambda r: independent_normalized_acc(r, experts),
+                   normalized_acc_own=lambda r: r.get("normalized_acc"))
     groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for r in results:
         key = (r["benchmark"], r.get("model"), r["strategy"], r["protocol"], len(r["tasks"]),
@@ -86,12 +93,12 @@ def aggregate(results: Sequence[Dict[str, Any]], reference: Optional[List[Dict[s
             differing = sorted({k for v in variants for k in set(v) | set(mine) if v.get(k) != mine.get(k)})
             variant = ", ".join(f"{k}={mine.get(k)}" for k in differing)
         diverged = sum(1 for r in runs if r.get("diverged"))
-        stats = {m: ((None, None, 0) if diverged else mean_std([f(r) for r in runs])) for m, f in METRICS.items()}
+        stats = {m: ((None, None, 0) if diverged else mean_std([f(r) for r in runs])) for m, f in metrics.items()}
         per_order: Dict[Any, Dict[str, Optional[float]]] = {}
         for order in sorted({r["order"] for r in runs}, key=order_key):
             of_order = [r for r in runs if r["order"] == order]
             bad = any(r.get("diverged") for r in of_order)
-            per_order[order] = {m: None if bad else mean_std([METRICS[m](r) for r in of_order])[0]
+            per_order[order] = {m: None if bad else mean_std([metrics[m](r) for r in of_order])[0]
                                 for m in ("acc", "bwt", "sar", "normalized_acc")}
             per_order[order]["diverged"] = bad
         ranked = [o for o in per_order if per_order[o]["acc"] is not None]

@@ -114,8 +114,8 @@ def rich_table(rows: Sequence[Row], title: Optional[str] = None):
 
     orders, ref = all_orders(rows), with_reference(rows)
     table = Table(title=f"{title_of(rows, title)} — mean ± sample std over orders; ACC/BWT in %, SAR in [0, 1]")
-    for col in table_columns(rows):
-        table.add_column(col, justify="left" if col in ("strategy", "protocol") else "right")
+    for col in table_columns(rows):  # fold, never cut: every number and name is shown whole at any width
+        table.add_column(col, justify="left" if col in ("strategy", "protocol") else "right", overflow="fold")
     for row in rows:
         table.add_row(*table_cells(row, orders, ref))
     return table
@@ -137,6 +137,9 @@ def footnotes(rows: Sequence[Row]) -> List[str]:
         first = "ACC, BWT (denominator T−1) and normalized ACC in %"
     notes = [first + "; mean ± sample standard deviation (n − 1) over "
              "the n runs of a row (task orders × seeds); per-order columns average over seeds.",
+             "norm. ACC: final accuracy ÷ the independent experts' accuracy (each fine-tuned from θ0 on its task "
+             "alone), the same denominator for every strategy; – where no run of the set trained those experts "
+             "(the CSV's normalized_acc_own_* divide by each run's own experts).",
              "worst order: the order with the lowest ACC (\"all equal\" when every order gives the same ACC)."]
     if scopes:
         notes.append(f"SAR: subspace alignment ratio after the final step, per 2-D layer of the merged model at "
@@ -150,7 +153,7 @@ def footnotes(rows: Sequence[Row]) -> List[str]:
 
 
 def markdown(rows: Sequence[Row], title: Optional[str] = None,
-             reference: Optional[List[Dict[str, Any]]] = None) -> str:
+             reference: Optional[List[Dict[str, Any]]] = None, shared: Optional[Sequence[str]] = None) -> str:
     orders, ref = all_orders(rows), with_reference(rows)
     cols = table_columns(rows)
     lines = [f"# {title_of(rows, title)}", "",
@@ -161,6 +164,8 @@ def markdown(rows: Sequence[Row], title: Optional[str] = None,
     lines += ["| " + " | ".join(cells) + " |" for cells in bound_rows(rows, len(cols))]
     lines.append("")
     lines += [f"- {n}" for n in footnotes(rows)]
+    if shared is not None:
+        lines.append(f"- {shared_settings_note(shared)}")
     if ref and reference:
         lines += [f"- {n}" for n in reference_notes(rows, reference)]
     lines += ["", "## Per-order values", "",
@@ -179,8 +184,14 @@ def markdown(rows: Sequence[Row], title: Optional[str] = None,
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows: Sequence[Row]) -> str:
-    """One line per row; metrics as fractions in [0, 1] like the results JSON (paper columns too)."""
+def shared_settings_note(overrides: Sequence[str]) -> str:
+    """The grid's overrides applied to every run, in words (leaderboards name what all their runs share)."""
+    return "settings shared by every run: " + (" ".join(overrides) if overrides else "none (defaults)") + "."
+
+
+def csv_text(rows: Sequence[Row], shared: Optional[Sequence[str]] = None) -> str:
+    """One line per row; metrics as fractions in [0, 1] like the results JSON (paper columns too);
+    ``shared``: the grid's overrides of every run (column ``shared_overrides``)."""
     orders = all_orders(rows)
     fields = ["benchmark", "model", "strategy", "variant", "protocol", "T", "n", "diverged", "orders", "sar_scope"]
     for m in ("acc", "bwt", "sar", "normalized_acc"):
@@ -189,6 +200,7 @@ def csv_text(rows: Sequence[Row]) -> str:
     for m in ("acc", "bwt", "sar", "normalized_acc"):
         fields += [f"{m}_order_{o}" for o in orders]
     fields += ["paper_acc_mean", "paper_acc_std", "paper_bwt_mean", "paper_bwt_std"]
+    fields += ["normalized_acc_own_mean", "normalized_acc_own_std", "shared_overrides"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -203,6 +215,9 @@ def csv_text(rows: Sequence[Row]) -> str:
             for o in orders:
                 vals = row.per_order.get(o, {})
                 rec[f"{m}_order_{o}"] = "diverged" if vals.get("diverged") else vals.get(m)
+        rec["normalized_acc_own_mean"], rec["normalized_acc_own_std"], _ = row.stats.get("normalized_acc_own",
+                                                                                      (None, None, 0))
+        rec["shared_overrides"] = " ".join(shared) if shared else None
         if row.reference:
             for k in ("acc_mean", "acc_std", "bwt_mean", "bwt_std"):
                 v = row.reference.get(k)

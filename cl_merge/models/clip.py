@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..progress import batches
 from ..task import Task
 from .base import ModelAdapter
 
@@ -158,7 +159,8 @@ class ClipClassifier(ModelAdapter):
             loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                                 num_workers=self.num_workers)
         correct = total = 0
-        for images, labels in loader:
+        n_batches = -(-len(dataset) // self.eval_batch_size) if hasattr(dataset, "__len__") else None
+        for images, labels in batches(loader, n_batches, f"evaluate {task.name} ({split})"):
             pred = self.logits(images, task).argmax(-1).cpu()
             correct += int((pred == labels).sum())
             total += len(labels)

@@ -28,6 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from ..errors import UserError
+from ..progress import batches
 from ..task import Task
 from .base import ModelAdapter
 
@@ -255,7 +256,8 @@ class CausalLMAdapter(ModelAdapter):
         outputs: List = []
         self.model.eval()
         with _fork_rng(self._device, seed if sample else None):
-            for start in range(0, len(prompts), self.eval_batch_size):
+            starts = range(0, len(prompts), self.eval_batch_size)
+            for start in batches(starts, len(starts), "generate batches"):
                 encoded = [tok(p, add_special_tokens=add_special_tokens)["input_ids"]
                            for p in prompts[start:start + self.eval_batch_size]]
                 encoded = [e[-room:] if len(e) > room else e for e in encoded]
