@@ -162,7 +162,7 @@ def render(plan: Dict[str, Any], console: Console) -> None:
         for col in (label, "runs", "experts trained", "FT steps", "eval passes", "images", "merges", "SAR scores",
                     "fit h", "eval h", "merge h", "SAR h", "total h"):
             t.add_column(col, justify="left" if col == label else "right")
-        for name, g in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        for name, g in sorted(groups.items(), key=lambda kv: (int(kv[0]) if kv[0].isdigit() else 0, kv[0])):
             t.add_row(name, _n(g["runs"]), _n(g["experts_trained"]), _n(g["fine_tune_steps"]),
                       _n(g["test_evals"] + g["val_evals"]),
                       _n(_sum([g["test_samples"], g["val_samples"]])), _n(g["merges"]), _n(g["sar_scores"]),

@@ -93,7 +93,8 @@ def run_cost(config: RunConfig) -> RunCost:
     counts = loop_counts(config.protocol, T, eval_unseen=settings.eval_unseen, sar=settings.sar,
                          sar_store=settings.sar_store, validation_scores_per_merge=grid_scores,
                          needs_fisher=needs_fisher,
-                         has_val=None if sizes is None else [s.get("val", 0) > 0 for s in sizes])
+                         has_val=[getattr(benchmark, "has_validation", True)] * T if sizes is None
+                         else [s.get("val", 0) > 0 for s in sizes])
     trains = not learner.opens_experts and learner.step_budget() > 0
     cost = RunCost(config=config, T=T, calibration_key=calibration_key(benchmark), trains=trains,
                    shared=shares_experts(config), steps_per_fit=learner.step_budget() if trains else 0,
