@@ -120,6 +120,9 @@ def merge_into(base: Optional[Calibration], extra: Calibration) -> Calibration:
     return Calibration(machine=base.machine or extra.machine, models={**extra.models, **base.models})
 
 
+_LOG = lambda text: None  # noqa: E731  (progress lines while measuring; set by measure_for)
+
+
 # ---- timing helpers ----------------------------------------------------------------------------------
 def _timed(fn) -> Tuple[float, Any]:
     t0 = time.perf_counter()
@@ -159,6 +162,7 @@ def _merge_costs(theta0: Dict[str, torch.Tensor], mergers: Dict[str, Any], multi
                                 context=MergeContext(step=step, validation_score=touch))
             previous, state = result.deployed, result.state
         merge_s[name] = result.merge_s
+        _LOG(f"  merge {name}: {result.merge_s:.2f} s per step")
     notes["merge"] = f"measured: merge_step at step 2 of each continual merger on {what}"
     once: Dict[str, List[float]] = {}
     for name, merger in multitask.items():
@@ -170,6 +174,7 @@ def _merge_costs(theta0: Dict[str, torch.Tensor], mergers: Dict[str, Any], multi
                                                        fishers=fishers[:T] if fishers else None))[0])
         b = max(times[1] - times[0], 0.0)
         once[name] = [max(times[0] - 2 * b, 0.0), b]
+        _LOG(f"  multitask merge {name}: {times[0]:.2f} s (2 experts), {times[1]:.2f} s (3)")
     if multitask:
         notes["merge"] += "; merge_at_once of each multitask merger with 2 and 3 experts (a + b·T)"
     return merge_s, once
@@ -247,6 +252,7 @@ def measure_benchmark(configs: Sequence, steps: Tuple[int, int] = (2, 6)) -> Pha
                 fresh.fit(dict(theta0), ctx(tasks[0], 1))  # stateful learners: a buffer / importances at step 2
                 times.append(_timed(lambda: fresh.fit(dict(theta0), ctx(tasks[1], 2)))[0])
             step_s = max((times[1] - times[0]) / (steps[1] - steps[0]), 1e-9)
+            _LOG(f"  fit {name}: {step_s:.3f} s per step, {max(times[0] - steps[0] * step_s, 0.0):.2f} s per fit")
             fit[name] = {"step_s": step_s, "batch": float(learner.batch_size),
                          "fixed_s": max(times[0] - steps[0] * step_s, 0.0), "fixed_per_train_sample_s": 0.0}
         notes["fit"] = (f"measured: learner.fit of {steps[0]} and {steps[1]} steps at step 2 (after one fit), "
@@ -335,6 +341,7 @@ def measure_architecture(configs: Sequence, mini: PhaseCosts, batch: int = 4,
     name = benchmark.model_name
     notes: Dict[str, str] = {}
     train_s, fwd_s, build_s, state = _clip_tower_costs(name, batch)
+    _LOG(f"  {name}: fwd+bwd+AdamW {train_s:.3f} s per sample, forward {fwd_s:.4f} s per sample")
     notes["fit"] = (f"measured: {name} image tower (random weights) fwd+bwd+AdamW at batch {batch}, per sample, "
                     "scaled linearly to the run's batch (assumed); other learners than adam by their mini cost "
                     "ratio to adam, EWC-like fixed costs per training sample likewise (assumed)")
@@ -456,6 +463,8 @@ def _mini_reference(configs: Sequence) -> List:
 
 def measure_for(configs_by_key: Dict[str, Sequence], log=lambda text: None, batch: int = 4) -> Calibration:
     """Measure every calibration key of ``configs_by_key`` that this machine can (``measurable``)."""
+    global _LOG
+    _LOG = log
     models: Dict[str, PhaseCosts] = {}
     mini_ref: Optional[PhaseCosts] = None
     shapes = None
