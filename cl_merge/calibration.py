@@ -59,6 +59,7 @@ class PhaseCosts:
     sar_score_s: Optional[float] = None
     fisher_sample_s: Optional[float] = None
     setup_s: Optional[float] = None
+    merge_flops: Optional[float] = None  # ``svd_flops`` of the shapes the merge/SAR costs were measured on
     notes: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -380,9 +381,11 @@ def measure_architecture(configs: Sequence, mini: PhaseCosts, batch: int = 4,
         notes["sar"] = notes["merge"]
     fisher = mini.fisher_sample_s * ratio if mini.fisher_sample_s is not None else None
     notes["fisher"] = "assumed: the mini Fisher per sample × the per-sample fwd+bwd cost ratio"
+    flops = svd_flops(state)
     del state
     return PhaseCosts(fit=fit, eval_sample_s=fwd_s, merge_s=merge_s, merge_once_s=once, sar_step_s=sar_step_s,
-                      sar_score_s=sar_score_s, fisher_sample_s=fisher, setup_s=build_s, notes=notes), shapes_from
+                      sar_score_s=sar_score_s, fisher_sample_s=fisher, setup_s=build_s, merge_flops=flops,
+                      notes=notes), shapes_from
 
 
 def _mini_train_size() -> int:
@@ -461,14 +464,23 @@ def _mini_reference(configs: Sequence) -> List:
     return out
 
 
-def measure_for(configs_by_key: Dict[str, Sequence], log=lambda text: None, batch: int = 4) -> Calibration:
-    """Measure every calibration key of ``configs_by_key`` that this machine can (``measurable``)."""
+def measure_for(configs_by_key: Dict[str, Sequence], log=lambda text: None, batch: int = 4,
+                existing: Optional[Calibration] = None) -> Calibration:
+    """Measure every calibration key of ``configs_by_key`` that this machine can (``measurable``).
+    vision20 backbones measure merges and SAR once, on the smallest (ViT-B-32 first) or on one already
+    in ``existing``, and scale them to the others (``measure_architecture``)."""
     global _LOG
     _LOG = log
     models: Dict[str, PhaseCosts] = {}
     mini_ref: Optional[PhaseCosts] = None
     shapes = None
-    for key, configs in sorted(configs_by_key.items(), key=lambda kv: (kv[0].startswith("vision20"), kv[0])):
+    for key, costs in (existing.models.items() if existing else ()):
+        if key.startswith("vision20:") and costs.merge_flops and costs.sar_step_s is not None:
+            shapes = (key.split(":", 2)[-1], costs.merge_s, costs.merge_once_s, costs.sar_step_s, costs.sar_score_s,
+                      costs.merge_flops)
+            break
+    rank = lambda key: (key.startswith("vision20"), "B-32" not in key, key)  # noqa: E731
+    for key, configs in sorted(configs_by_key.items(), key=lambda kv: rank(kv[0])):
         name = configs[0].benchmark
         if not measurable(name):
             continue
@@ -479,5 +491,7 @@ def measure_for(configs_by_key: Dict[str, Sequence], log=lambda text: None, batc
         all_learners = [c for cs in configs_by_key.values() for c in cs if c.benchmark == "vision20"]
         if mini_ref is None:
             mini_ref = measure_benchmark(_mini_reference(all_learners))
-        models[key], shapes = measure_architecture(configs, mini_ref, batch=batch, shapes_from=shapes)
+        large = "L-14" in key or "H-14" in key or "g-14" in key  # fewer images: the same per-sample figure, sooner
+        models[key], shapes = measure_architecture(configs, mini_ref, batch=max(1, batch // 2) if large else batch,
+                                                   shapes_from=shapes)
     return Calibration(machine=machine_info(), models=models)

@@ -65,7 +65,7 @@ def build_plan(paths: Sequence[Path], calibration_file: Optional[Path], measure:
         missing = {k: v for k, v in by_key.items()
                    if (calibration is None or k not in calibration.models) and measurable(v[0].benchmark)}
         if missing:
-            calibration = merge_into(calibration, measure_for(missing, log=log))
+            calibration = merge_into(calibration, measure_for(missing, log=log, existing=calibration))
     if save_calibration:
         if calibration is None or not calibration.models:
             raise UserError("nothing to save: no model of these grids can be calibrated on this machine; "
