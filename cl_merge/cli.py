@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--save-calibration", type=Path, metavar="FILE",
                     help="measure this machine's per-phase costs for the grids' models and write them here")
     pn.add_argument("--counts-only", action="store_true", help="counts only, no calibration (fast)")
+    pn.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="what calibration measures: wall time (default), or this process's CPU time (a CPU "
+                         "shared with other work: the time one dedicated core would take)")
     pn.add_argument("--json", type=Path, metavar="OUT", help="also write the plan as JSON")
 
     pl = sub.add_parser("plot", help="analysis figures (PNG): matrix, curves, delta-hist, disentanglement")

@@ -177,7 +177,8 @@ def render(plan: Dict[str, Any], console: Console) -> None:
     calib = plan["calibration"]
     console.print(f"[bold]calibration[/]: {calib['source'] or 'none (counts only)'}"
                   + (f" — {calib['machine'].get('device_name')} ({calib['machine'].get('device')}, "
-                     f"{calib['machine'].get('torch_threads')} threads, {calib['machine'].get('created')})"
+                     f"{calib['machine'].get('torch_threads')} threads, {calib['machine'].get('clock', 'wall')} clock, "
+                     f"{calib['machine'].get('created')})"
                      if calib.get("machine") else ""), highlight=False)
     for key, costs in calib["models"].items():
         if costs is None:
@@ -198,6 +199,12 @@ def cmd_plan(args) -> int:
             raise UserError(f"no such grid file: {path}")
     if args.json is not None and Path(args.json).is_dir():
         raise UserError(f"{args.json} is a directory; give a file path for --json")
+    if args.clock == "cpu":
+        import time
+
+        from . import calibration
+
+        calibration.CLOCK = time.process_time
     plan = build_plan(args.grids, args.calibration, measure=not args.counts_only and args.calibration is None,
                       save_calibration=args.save_calibration,
                       log=lambda text: out.print(f"[dim]{text}[/]", highlight=False))

@@ -161,10 +161,9 @@ def test_plan_counts_equal_the_committed_mini_results(grid):
 def test_plan_runs_on_every_committed_grid(grid):
     from cl_merge import leaderboard as lb
 
-    plan = build_plan([grid], None, measure=False, save_calibration=None)
-    assert plan["total"]["runs"] == len(lb.expand(lb.load_grid(grid))) > 0
-    assert all(r["merges"] >= 1 and r["test_evals"] >= r["T"] for r in plan["runs"])
     priced = build_plan([grid], EXAMPLE_CALIBRATION, measure=False, save_calibration=None)
+    assert priced["total"]["runs"] == len(lb.expand(lb.load_grid(grid))) > 0
+    assert all(r["merges"] >= 1 and r["test_evals"] >= r["T"] for r in priced["runs"])
     calibration = load_calibration(EXAMPLE_CALIBRATION)
     for key, g in priced["by_model"].items():  # priced wherever the file has the model, "n/a" elsewhere
         assert (g["total_seconds"] is not None and g["total_seconds"] > 0) == (key in calibration.models), key
