@@ -59,6 +59,8 @@ class PhaseCosts:
     sar_score_s: Optional[float] = None
     fisher_sample_s: Optional[float] = None
     setup_s: Optional[float] = None
+    checkpoint_s: Optional[float] = None  # one step checkpoint (the deployed state) written
+    cache_put_s: Optional[float] = None  # one expert written to the expert cache
     merge_flops: Optional[float] = None  # ``svd_flops`` of the shapes the merge/SAR costs were measured on
     notes: Dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -205,6 +207,22 @@ def _sar_costs(theta0: Dict[str, torch.Tensor], settings, notes: Dict[str, str],
     return max(t1 - score, 0.0), score
 
 
+def _write_costs(theta0: Dict[str, torch.Tensor], notes: Dict[str, str], what: str) -> Tuple[float, float]:
+    """(a step checkpoint of the deployed state, one expert-cache entry) written by the runs' own code."""
+    from .expert_cache import ExpertCache
+    from .step_checkpoint import Checkpointer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpointer(Path(tmp) / "ckpt", "calibration")
+        record = {"acc_matrix": [[0.0]]}
+        checkpoint_s = min(_timed(lambda step=step: ckpt.save(step, record, {"deployed": theta0}))[0] for step in (1, 2))
+        cache = ExpertCache(Path(tmp) / "experts")
+        put_s = _timed(lambda: cache.put("calibration", dict(theta0)))[0]
+        cache.release()
+    notes["checkpoint"] = f"measured: Checkpointer.save and ExpertCache.put of {what}"
+    return checkpoint_s, put_s
+
+
 def _components(configs: Sequence, kind: str) -> Dict[str, Any]:
     """One instance per learner / merger name among ``configs`` (the first config's settings)."""
     from .config import instantiate
@@ -223,7 +241,7 @@ def _components(configs: Sequence, kind: str) -> Dict[str, Any]:
 
 
 # ---- the benchmark's own model and tasks ------------------------------------------------------------
-def measure_benchmark(configs: Sequence, steps: Tuple[int, int] = (2, 6)) -> PhaseCosts:
+def measure_benchmark(configs: Sequence, steps: Tuple[int, int] = (4, 12)) -> PhaseCosts:
     """Phase costs of the model of ``configs`` (all of one calibration key) with the benchmark's own
     adapter and first two tasks (module doc)."""
     from .config import instantiate
@@ -277,6 +295,7 @@ def measure_benchmark(configs: Sequence, steps: Tuple[int, int] = (2, 6)) -> Pha
                                                         "merger").items()}
         merge_s, once = _merge_costs(theta0, mergers, multitask, notes, "the model's own parameters")
         sar_step_s, sar_score_s = _sar_costs(theta0, settings, notes, "the model's own parameters")
+        checkpoint_s, cache_put_s = _write_costs(theta0, notes, "the model's own parameters")
         # always measured (cheap here): the architecture path derives its Fisher price from it
         from .fisher import fisher_diagonal
 
@@ -288,7 +307,7 @@ def measure_benchmark(configs: Sequence, steps: Tuple[int, int] = (2, 6)) -> Pha
         notes["fisher"] = "measured: fisher_diagonal of one expert, per sample"
     return PhaseCosts(fit=fit, eval_sample_s=eval_sample_s, merge_s=merge_s, merge_once_s=once,
                       sar_step_s=sar_step_s, sar_score_s=sar_score_s, fisher_sample_s=fisher_sample_s,
-                      setup_s=setup_s, notes=notes)
+                      setup_s=setup_s, checkpoint_s=checkpoint_s, cache_put_s=cache_put_s, notes=notes)
 
 
 # ---- an architecture with random weights (vision20's open_clip backbones) -------------------------
@@ -387,10 +406,12 @@ def measure_architecture(configs: Sequence, mini: PhaseCosts, batch: int = 4,
         notes["sar"] = notes["merge"]
     fisher = mini.fisher_sample_s * ratio if mini.fisher_sample_s is not None else None
     notes["fisher"] = "assumed: the mini Fisher per sample × the per-sample fwd+bwd cost ratio"
+    checkpoint_s, cache_put_s = _write_costs(state, notes, f"{name}'s tower state")
     flops = svd_flops(state)
     del state
     return PhaseCosts(fit=fit, eval_sample_s=fwd_s, merge_s=merge_s, merge_once_s=once, sar_step_s=sar_step_s,
                       sar_score_s=sar_score_s, fisher_sample_s=fisher, setup_s=build_s, merge_flops=flops,
+                      checkpoint_s=checkpoint_s, cache_put_s=cache_put_s,
                       notes=notes), shapes_from
 
 
@@ -404,7 +425,7 @@ def _mini_train_size() -> int:
 def price(run, costs: Optional[PhaseCosts], sizes_train: Optional[int] = None) -> Dict[str, Optional[float]]:
     """Seconds per phase of one ``grid.cost.RunCost`` under ``costs`` (None where a price is missing)."""
     if costs is None:
-        return {p: None for p in ("setup", "fit", "eval", "merge", "sar", "fisher")}
+        return {p: None for p in ("setup", "fit", "eval", "merge", "sar", "fisher", "checkpoint")}
     config = run.config
     out: Dict[str, Optional[float]] = {"setup": costs.setup_s}
     fit = costs.fit.get(config.learner)
@@ -442,6 +463,13 @@ def price(run, costs: Optional[PhaseCosts], sizes_train: Optional[int] = None) -
         out["fisher"] = None
     else:
         out["fisher"] = run.fisher_samples * costs.fisher_sample_s
+    # a step checkpoint after every continual merge; each expert a shared run trains goes into the cache
+    steps = run.merges if config.protocol != "multitask" else 0
+    puts = run.fits_trained if run.shared else 0
+    if (steps and costs.checkpoint_s is None) or (puts and costs.cache_put_s is None):
+        out["checkpoint"] = None
+    else:
+        out["checkpoint"] = steps * (costs.checkpoint_s or 0.0) + puts * (costs.cache_put_s or 0.0)
     return out
 
 

@@ -16,7 +16,7 @@ from .cli import out
 from .errors import UserError
 
 PHASE_TITLES = {"setup": "setup", "fit": "fine-tune", "eval": "evaluation", "merge": "merge", "sar": "SAR",
-                "fisher": "Fisher"}
+                "fisher": "Fisher", "checkpoint": "checkpoint + cache writes"}
 
 
 def _h(seconds: Optional[float]) -> str:
@@ -187,7 +187,7 @@ def render(plan: Dict[str, Any], console: Console) -> None:
             continue
         for phase, note in sorted(costs.get("notes", {}).items()):
             console.print(f"  {key} {phase}: {note}", highlight=False)
-    console.print("  not priced: dataset download / preparation, data-loader stalls, checkpoint writes, "
+    console.print("  not priced: dataset download / preparation, data-loader stalls, result files, "
                   "queueing between runs", highlight=False)
 
 

@@ -80,7 +80,7 @@ def main() -> None:
             print(f"  {'total':<8} {estimate:>11.1f} {wall:>11.1f} {estimate / wall:>6.2f}   "
                   f"(measured: the grid run, {args.clock} clock)")
             ratios.append(estimate / wall)
-    print(f"estimate / measured wall time: {', '.join(f'{r:.2f}' for r in ratios)}"
+    print(f"estimate / measured ({args.clock} clock): {', '.join(f'{r:.2f}' for r in ratios)}"
           + (f" (median {statistics.median(ratios):.2f})" if len(ratios) > 1 else ""))
 
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..config import RunConfig, instantiate
 from .plan import ExpertJob, plan_experts, shares_experts, task_names_of
 
-PHASES = ("setup", "fit", "eval", "merge", "sar", "fisher")
+PHASES = ("setup", "fit", "eval", "merge", "sar", "fisher", "checkpoint")
 
 
 @dataclasses.dataclass
