@@ -121,7 +121,9 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
 def merge_into(base: Optional[Calibration], extra: Calibration) -> Calibration:
     if base is None:
         return extra
-    return Calibration(machine=base.machine or extra.machine, models={**extra.models, **base.models})
+    # the machine of what was just measured; the given file's own figures keep their notes
+    machine = dict(extra.machine, merged_with=base.machine) if extra.models else base.machine
+    return Calibration(machine=machine, models={**extra.models, **base.models})
 
 
 _LOG = lambda text: None  # noqa: E731  (progress lines while measuring; set by measure_for)
