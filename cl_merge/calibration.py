@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
