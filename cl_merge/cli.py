@@ -1,4 +1,4 @@
-"""The ``cl-merge`` command: run, list, report, demo, leaderboard, plot.
+"""The ``cl-merge`` command: run, list, report, demo, leaderboard, plan, plot.
 
 Exit codes: 0 success, 2 bad input or an unwritable/unreadable path (one line on stderr naming the problem
 and the fix), 3 the run diverged (a non-finite loss, gradient norm or weight; one line naming the step,
@@ -109,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
                          "with the grid's [ray] resources, shared experts trained once (pip install -e \".[ray]\")")
     lb.add_argument("--address", help="with --engine ray: the cluster to join (auto, ray://HOST:10001, HOST:6379); "
                                       "default: RAY_ADDRESS, else a new local Ray instance")
+
+    pn = sub.add_parser("plan", help="a grid's cost before launching it: runs, experts, fine-tuning steps, "
+                                     "evaluations, merges, SAR, and device-hours per phase")
+    pn.add_argument("grids", nargs="+", type=Path, metavar="GRID.toml",
+                    help="grid file(s); several are planned together (e.g. one per backbone)")
+    pn.add_argument("--calibration", type=Path, help="per-phase seconds per model (JSON/TOML, e.g. written on "
+                                                     "another device with --save-calibration); default: measure here")
+    pn.add_argument("--save-calibration", type=Path, metavar="FILE",
+                    help="measure this machine's per-phase costs for the grids' models and write them here")
+    pn.add_argument("--counts-only", action="store_true", help="counts only, no calibration (fast)")
+    pn.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="what calibration measures: wall time (default), or this process's CPU time (a CPU "
+                         "shared with other work: the time one dedicated core would take)")
+    pn.add_argument("--json", type=Path, metavar="OUT", help="also write the plan as JSON")
 
     pl = sub.add_parser("plot", help="analysis figures (PNG): matrix, curves, delta-hist, disentanglement")
     kinds = pl.add_subparsers(dest="kind", required=True)
@@ -301,6 +315,12 @@ def cmd_leaderboard(args) -> int:
     return run(args)
 
 
+def cmd_plan(args) -> int:
+    from .cli_plan import cmd_plan as run
+
+    return run(args)
+
+
 def cmd_plot(args) -> int:
     from . import plots
     from .io import write_json_atomic
@@ -357,7 +377,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "demo": cmd_demo,
-            "leaderboard": cmd_leaderboard, "plot": cmd_plot}
+            "leaderboard": cmd_leaderboard, "plan": cmd_plan, "plot": cmd_plot}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

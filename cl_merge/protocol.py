@@ -326,3 +326,50 @@ class Gathered:
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+@dataclasses.dataclass
+class LoopCounts:
+    """What one run of ``run_protocol`` (plus the runner's final validation row) does, known before
+    it runs: ``cl-merge plan`` prices these, tests/test_plan.py counts them in real runs.
+
+    ``test_evals[i]`` / ``val_evals[i]``: evaluations of task i's test / validation split. ``fits``:
+    experts obtained (trained, read from the cache or opened from a file); ``merges``: merge calls
+    (``merge_step`` per step, one ``merge_at_once`` under multitask); ``sar_steps``: merged bases
+    built for SAR; ``sar_scores``: task updates scored against one; ``fishers``: Fisher diagonals
+    asked for (multitask mergers that need them)."""
+
+    fits: int
+    merges: int
+    test_evals: List[int]
+    val_evals: List[int]
+    sar_steps: int
+    sar_scores: int
+    fishers: int
+
+
+def loop_counts(protocol: str, T: int, *, eval_unseen: bool, sar: bool, sar_store: bool,
+                validation_scores_per_merge: int = 0, needs_fisher: bool = False,
+                has_val: Optional[List[bool]] = None) -> LoopCounts:
+    """The counts of the loop above for a stream of ``T`` tasks (module doc), mirrored line by line:
+    row 0 evaluates θ0 on every task; each step evaluates its expert on its own task, scores
+    ``validation_scores_per_merge`` candidates on the step's validation split (e.g. ``alpha_grid``),
+    merges, scores SAR (every seen task with ``sar_store``) and evaluates row t (unseen tasks only with
+    ``eval_unseen``); the multitask protocol evaluates row 0, each expert, then the one merged row.
+    ``has_val[i]``: task i has a validation split (the final validation row skips those without)."""
+    has_val = [True] * T if has_val is None else list(has_val)
+    test = [1] * T  # row 0
+    val = [1 if v else 0 for v in has_val]  # runner.final_validation
+    for t in range(1, T + 1):
+        test[t - 1] += 1  # the expert on its own task
+    if protocol == "multitask":
+        return LoopCounts(fits=T, merges=1, test_evals=[n + 1 for n in test], val_evals=val,
+                          sar_steps=1 if sar else 0, sar_scores=T if sar else 0, fishers=T if needs_fisher else 0)
+    for t in range(1, T + 1):
+        val[t - 1] += validation_scores_per_merge
+        for i in range(1, T + 1):
+            if i <= t or eval_unseen:
+                test[i - 1] += 1
+    scores = sum(range(1, T + 1)) if sar_store else T
+    return LoopCounts(fits=T, merges=T, test_evals=test, val_evals=val, sar_steps=T if sar else 0,
+                      sar_scores=scores if sar else 0, fishers=0)

@@ -57,6 +57,7 @@ class MergeBenchBenchmark(Benchmark):
     description = ("MergeBench: continual merging of 5 published domain experts (instruction, math, multilingual, "
                    "coding, safety) of Llama-3.2-3B / 3.1-8B / gemma-2 (-Instruct/-it); checkpoint learner, streamed")
     parameter_store = "disk"
+    has_validation = False  # lm-eval tasks carry no validation split (no final validation row)
     default_order = 1
 
     base: str = "Llama-3.2-3B"  # a MergeBench base name (its experts are MergeBench/{base}_{domain})

@@ -63,6 +63,10 @@ class MiniBenchmark(Benchmark):
                               head_cache_dir=Path(cache_dir) / "heads", device=device,
                               eval_batch_size=eval_batch_size)
 
+    def split_sizes(self, name: str) -> Dict[str, int]:
+        """Examples per split of task ``name`` without drawing them (``cl-merge plan``)."""
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
     def build_task(self, name: str) -> Task:
         return _build_task(name, self.n_train, self.n_val, self.n_test, self.data_seed)
 

@@ -132,6 +132,18 @@ class Vision20Benchmark(Benchmark):
                               precision=precision)
 
     # ---- data ------------------------------------------------------------------------------------------
+    def split_sizes(self, name: str) -> Dict[str, int]:
+        """Examples per split of task ``name`` from the datasets' published row counts
+        (data/split_sizes.json) under this benchmark's hold-out and limits, for ``cl-merge plan``."""
+        rows = json.loads((Path(__file__).resolve().parent / "data" / "split_sizes.json").read_text())["rows"][name]
+        train, val = rows["train"], rows.get("val")
+        if val is None:  # D.split_off_validation's hold-out
+            val = min(max(int(round(train * self.val_fraction)), 1), train - 1)
+            train -= val
+        cap = lambda n, limit: n if limit is None else min(n, limit)  # noqa: E731
+        return {"train": cap(train, self.train_limit), "val": cap(val, self.val_limit),
+                "test": cap(rows["test"], self.test_limit)}
+
     def build_task(self, spec: TaskSpec) -> Task:
         source = D.resolve_source(spec, self.data_root, self._paths)
         train_hf = D.load_split(spec, spec.train_split, source, self.hf_cache_dir)
