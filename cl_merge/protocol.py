@@ -356,7 +356,8 @@ def loop_counts(protocol: str, T: int, *, eval_unseen: bool, sar: bool, sar_stor
     ``validation_scores_per_merge`` candidates on the step's validation split (e.g. ``alpha_grid``),
     merges, scores SAR (every seen task with ``sar_store``) and evaluates row t (unseen tasks only with
     ``eval_unseen``); the multitask protocol evaluates row 0, each expert, then the one merged row.
-    ``has_val[i]``: task i has a validation split (the final validation row skips those without)."""
+    ``has_val[i]``: task i has a validation split (the final validation row skips those without).
+    ``needs_fisher``: one Fisher diagonal per expert (each step's expert in the continual protocols)."""
     has_val = [True] * T if has_val is None else list(has_val)
     test = [1] * T  # row 0
     val = [1 if v else 0 for v in has_val]  # runner.final_validation
@@ -372,4 +373,4 @@ def loop_counts(protocol: str, T: int, *, eval_unseen: bool, sar: bool, sar_stor
                 test[i - 1] += 1
     scores = sum(range(1, T + 1)) if sar_store else T
     return LoopCounts(fits=T, merges=T, test_evals=test, val_evals=val, sar_steps=T if sar else 0,
-                      sar_scores=scores if sar else 0, fishers=0)
+                      sar_scores=scores if sar else 0, fishers=T if needs_fisher else 0)

@@ -58,6 +58,9 @@ overrides = ["run.sar_store=false", "run.eval_unseen=false"]
 [[runs]]
 strategy = "fisher"
 protocol = "multitask"
+
+[[runs]]
+strategy = "c-epimer"
 """
 
 
@@ -111,7 +114,7 @@ def test_plan_counts_equal_an_instrumented_grid_run(tmp_path, monkeypatch):
     grid_file.write_text(SMALL_GRID)
     plan = build_plan([grid_file], None, measure=False, save_calibration=None)
     configs = lb.expand(lb.load_grid(grid_file))
-    assert plan["total"]["runs"] == len(configs) == 14
+    assert plan["total"]["runs"] == len(configs) == 16
     with counting(monkeypatch) as n:
         lb.run_grid(configs, tmp_path / "runs", progress=False)
     total = plan["total"]
