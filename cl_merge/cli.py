@@ -31,6 +31,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+FIGURE_OUT_HELP = "output file; the extension picks the format: .png (200 dpi), .pdf or .svg"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cl-merge", description="Continual learning x model merging benchmark harness.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("paths", nargs="+", type=Path)
     rep.add_argument("--markdown", type=Path, help="also write a Markdown table here")
     rep.add_argument("--csv", type=Path, help="also write a CSV here")
+    rep.add_argument("--html", type=Path, help="also write a self-contained HTML report here (sortable tables, "
+                                               "heatmaps, curves; no network needed)")
 
     d = sub.add_parser("demo", help="every registered strategy on the embedded mini suite, then a report")
     d.add_argument("--out", type=Path, default=Path("results/demo"))
@@ -80,18 +85,19 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--address", help="with --engine ray: the cluster to join (auto, ray://HOST:10001, HOST:6379); "
                                       "default: RAY_ADDRESS, else a new local Ray instance")
 
-    pl = sub.add_parser("plot", help="analysis figures (PNG): matrix, curves, delta-hist, disentanglement")
+    pl = sub.add_parser("plot", help="analysis figures (PNG, PDF or SVG): matrix, curves, delta-hist, disentanglement")
     kinds = pl.add_subparsers(dest="kind", required=True)
     m = kinds.add_parser("matrix", help="accuracy-matrix heatmap of one result file (SAIM Fig. 4)")
     m.add_argument("result", type=Path, help="a result file, or a directory with --strategy/--order/--num-tasks")
     m.add_argument("--strategy", help="pick the run of this strategy from a directory")
     m.add_argument("--order", help="pick the run of this order from a directory")
     m.add_argument("--num-tasks", type=int, help="pick the run with this many tasks from a directory")
-    m.add_argument("--out", type=Path, required=True, help="PNG path")
+    m.add_argument("--out", type=Path, required=True, help=FIGURE_OUT_HELP)
     c = kinds.add_parser("curves", help="ACC over seen tasks and SAR vs number of tasks (SAIM Fig. 6)")
-    c.add_argument("paths", nargs="+", type=Path, help="result files or directories")
+    c.add_argument("paths", nargs="+", type=Path, help="result files, directories, or grid files (.toml: "
+                                                       "exactly that grid's runs)")
     c.add_argument("--strategies", nargs="+", help="only these strategies (default: all found)")
-    c.add_argument("--out", type=Path, required=True, help="PNG path")
+    c.add_argument("--out", type=Path, required=True, help=FIGURE_OUT_HELP)
     for name, helptext in (("delta-hist", "log10 |Δθ| histograms of learners' experts (SAIM Fig. 2)"),
                            ("disentanglement", "weight-disentanglement error ξ(α1, α2) (SAIM Eq. 13/35, Fig. 3/5)")):
         k = kinds.add_parser(name, help=helptext)
@@ -100,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="one panel per learner (default: adam sa_bcd)")
         k.add_argument("--order", default=None)
         k.add_argument("--seed", type=int, default=0)
-        k.add_argument("--out", type=Path, required=True, help="PNG path")
+        k.add_argument("--out", type=Path, required=True, help=FIGURE_OUT_HELP)
         k.add_argument("--data", type=Path, help="also write the plotted numbers as JSON here")
         k.add_argument("--quiet", action="store_true")
         if name == "delta-hist":
@@ -212,6 +218,11 @@ def cmd_report(args) -> int:
     if args.csv:
         write_text_atomic(args.csv, report.csv_text(rows))
         out.print(f"csv: {args.csv}")
+    if args.html:
+        from .html_report import render
+
+        write_text_atomic(args.html, render([load_result(f) for f in files]))
+        out.print(f"html: {args.html}")
     return 0
 
 
@@ -230,9 +241,10 @@ def cmd_leaderboard(args) -> int:
 def cmd_plot(args) -> int:
     from . import plots
     from .io import write_json_atomic
-    from .results import find_results, load_result
 
-    plots.check_png_path(args.out)
+    from .run_sets import load_runs
+
+    plots.check_out_path(args.out)
     if args.kind == "matrix":
         picked = plots.pick_result(args.result, args.strategy, args.order, args.num_tasks)
         if picked.get("diverged"):
@@ -241,8 +253,7 @@ def cmd_plot(args) -> int:
                             "accuracy matrix to plot")
         fig = plots.matrix_figure(picked)
     elif args.kind == "curves":
-        files = find_results(args.paths)
-        results = [load_result(f) for f in files]
+        results = load_runs(args.paths)
         diverged = [r for r in results if r.get("diverged")]
         if diverged:  # no curve for a run without metrics
             out.print(f"[yellow]{len(diverged)} diverged run(s) left out[/] (e.g. {diverged[0].get('run_id')})")
@@ -277,7 +288,7 @@ def cmd_plot(args) -> int:
         if args.data:
             write_json_atomic(args.data, data)
             out.print(f"data: {args.data}")
-    plots.save_png(fig, args.out)
+    plots.save_figure(fig, args.out)
     out.print(f"plot: {args.out} — {plots.title_of(fig)}", highlight=False)
     return 0
 
