@@ -2,7 +2,7 @@
 network access (styles, the sorting script and the figures are inline), readable offline.
 
 Sections: the leaderboard (mean ± std over task orders per strategy, protocol, T and variant), every
-run (sortable: click a header; ``#sort=TABLE:KEY:asc|desc`` in the URL sorts on load, and
+run (sortable: click a header; ``#sort=TABLE:KEY:asc|desc`` in the URL clicks that header on load, and
 ``window.clMergeSort(table, key, direction)`` sorts from a script), the ACC/SAR curves (inline SVG,
 ``cl_merge.plots.curves_figure``), and per run its accuracy matrix as a heatmap (an HTML table
 coloured like the figures: viridis over 0–100%, the diagonal outlined, the experts' row last) with
@@ -60,8 +60,10 @@ SCRIPT = r"""
         });
       });
     });
+    // #sort=TABLE:KEY:asc|desc sorts on load by clicking the header (once: ascending, twice: descending)
     var m = /^#sort=([\w-]+):([\w.-]+):(asc|desc)$/.exec(decodeURIComponent(location.hash));
-    if (m) sortTable(m[1], m[2], m[3]);
+    var th = m && document.querySelector("#" + m[1] + " thead th[data-key='" + m[2] + "']");
+    if (th) { th.click(); if (m[3] === "desc") th.click(); }
   });
 })();
 """

@@ -175,5 +175,5 @@ def test_plot_errors_name_the_file(tmp_path, capsys):
     code, captured = cli(capsys, "plot", "matrix", bad, "--out", tmp_path / "m.png")
     assert code == 2 and str(bad) in captured.err
     code, captured = cli(capsys, "plot", "matrix", bad, "--out", tmp_path / "m.jpg")
-    assert code == 2 and "must end in .png" in captured.err
+    assert code == 2 and "must end in .png, .pdf or .svg" in captured.err
     assert not (tmp_path / "m.png").exists()
