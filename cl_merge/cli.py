@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list benchmarks, strategies, learners and mergers")
 
     rep = sub.add_parser("report", help="tabulate result files (rich table, Markdown, CSV)")
-    rep.add_argument("paths", nargs="+", type=Path)
+    rep.add_argument("paths", nargs="+", type=Path, help="result files, directories, or grid files (.toml: exactly "
+                                                         "that grid's runs)")
     rep.add_argument("--markdown", type=Path, help="also write a Markdown table here")
     rep.add_argument("--csv", type=Path, help="also write a CSV here")
     rep.add_argument("--html", type=Path, help="also write a self-contained HTML report here (sortable tables, "
@@ -205,12 +206,12 @@ def cmd_list(_args) -> int:
 def cmd_report(args) -> int:
     from . import report
     from .io import write_text_atomic
-    from .results import find_results, load_result
+    from .run_sets import load_runs
 
-    files = find_results(args.paths)
-    if not files:
+    results = load_runs(args.paths)  # result files, directories, grid files (.toml: that grid's runs)
+    if not results:
         raise UserError(f"no result files under {', '.join(map(str, args.paths))}")
-    rows = report.rows([load_result(f) for f in files])
+    rows = report.rows(results)
     out.print(report.rich_table(rows))
     if args.markdown:
         write_text_atomic(args.markdown, report.markdown(rows))
@@ -221,7 +222,7 @@ def cmd_report(args) -> int:
     if args.html:
         from .html_report import render
 
-        write_text_atomic(args.html, render([load_result(f) for f in files]))
+        write_text_atomic(args.html, render(results))
         out.print(f"html: {args.html}")
     return 0
 
