@@ -41,8 +41,8 @@ CLM := $(OFFLINE) $(VENV)/bin/cl-merge
 RESULTS_ENGINE ?= local
 results: $(STAMP)
 	$(CLM) leaderboard results/leaderboard_mini.toml --quiet --engine $(RESULTS_ENGINE)
-	$(CLM) plot matrix $(MINI)/runs --strategy saim --order 1 --out $(MINI)/plots/matrix_saim.png
-	$(CLM) plot matrix $(MINI)/runs --strategy c-ft --order 1 --out $(MINI)/plots/matrix_c-ft.png
+	$(CLM) plot matrix results/leaderboard_mini.toml --strategy saim --order 1 --out $(MINI)/plots/matrix_saim.png
+	$(CLM) plot matrix results/leaderboard_mini.toml --strategy c-ft --order 1 --out $(MINI)/plots/matrix_c-ft.png
 	$(CLM) plot curves results/leaderboard_mini.toml --out $(MINI)/plots/acc_sar_curves.png
 	$(CLM) plot curves results/leaderboard_mini.toml --out $(MINI)/plots/acc_sar_curves.pdf
 	$(CLM) plot delta-hist --learners adam sa_bcd --quiet --out $(MINI)/plots/delta_hist.png --data $(MINI)/plots/delta_hist.json $(MINI_EXPERTS)

@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="analysis figures (PNG, PDF or SVG): matrix, curves, delta-hist, disentanglement")
     kinds = pl.add_subparsers(dest="kind", required=True)
     m = kinds.add_parser("matrix", help="accuracy-matrix heatmap of one result file (SAIM Fig. 4)")
-    m.add_argument("result", type=Path, help="a result file, or a directory with --strategy/--order/--num-tasks")
+    m.add_argument("result", type=Path, help="a result file, or a directory or grid file (.toml) with "
+                                                  "--strategy/--order/--num-tasks")
     m.add_argument("--strategy", help="pick the run of this strategy from a directory")
     m.add_argument("--order", help="pick the run of this order from a directory")
     m.add_argument("--num-tasks", type=int, help="pick the run with this many tasks from a directory")

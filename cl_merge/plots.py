@@ -133,15 +133,17 @@ check_png_path, save_png = check_out_path, save_figure
 # ---- accuracy matrix (Fig. 4) -------------------------------------------------------------------
 def pick_result(path: os.PathLike, strategy: Optional[str] = None, order: Optional[str] = None,
                 num_tasks: Optional[int] = None) -> Dict[str, Any]:
-    """One result: ``path`` itself, or the single run under a directory matching the filters."""
-    from .results import find_results, load_result
+    """One result: ``path`` itself, or the single run matching the filters under a directory or among
+    a grid file's runs."""
+    from .results import load_result
+    from .run_sets import load_runs
 
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and path.suffix.lower() != ".toml":
         if not path.exists():
             raise UserError(f"no such result file or directory: {path}")
         return load_result(path)
-    found = [load_result(f) for f in find_results([path])]
+    found = load_runs([path])
     chosen = [r for r in found if (strategy is None or r["strategy"] == strategy)
               and (order is None or str(r["order"]) == str(order))
               and (num_tasks is None or len(r["tasks"]) == num_tasks)]
