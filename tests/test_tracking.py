@@ -176,3 +176,40 @@ def test_unknown_tracker_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown tracker 'neptune'" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+class Memory:
+    """A backend that keeps what it is given (the Tracker interface, no files)."""
+
+    name = "memory"
+
+    def __init__(self, fail=False):
+        self.logged, self.fail = [], fail
+
+    def log(self, values, step):
+        if self.fail:
+            raise RuntimeError("tracker server went away")
+        self.logged.append((step, values))
+
+
+def test_running_metrics_resume_backfill_and_a_failing_backend(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from cl_merge.tracking import Trackers
+
+    trackers = Trackers([], resolve("mini", strategy="c-ta"), tmp_path)
+    kept, broken = Memory(), Memory(fail=True)
+    trackers.backends, trackers.tasks = [broken, kept], ["a", "b", "c"]
+    record = {"acc_matrix": [[0.1, 0.2, 0.3], [0.5, 0.2, 0.3], [0.4, 0.6, 0.3]], "expert_acc": [0.5, 0.7],
+              "sar": [0.9, 0.8], "sar_current": [0.9, 0.7], "step_timings": [{"fit_s": 1.0}, {"fit_s": 2.0}]}
+    # a run resumed after step 1: its first live step is 2, step 1 comes from the restored record
+    trackers.after_step(SimpleNamespace(step=2, expert_acc=0.7), record)
+    assert [step for step, _ in kept.logged] == [1, 2]
+    first, second = kept.logged[0][1], kept.logged[1][1]
+    assert first["acc_seen"] == pytest.approx(0.5) and "bwt" not in first and first["expert_acc"] == 0.5
+    assert second["acc_seen"] == pytest.approx((0.4 + 0.6) / 2)
+    assert second["bwt"] == pytest.approx(0.4 - 0.5)  # A[2][1] − A[1][1]
+    assert second["acc/c"] == pytest.approx(0.3) and second["time/fit_s"] == 2.0 and second["sar"] == 0.8
+    assert trackers.backends == [kept]  # the failing one is dropped after one warning line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.log=memory: log failed (RuntimeError: tracker server went away)" in err[0]
