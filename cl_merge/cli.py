@@ -243,7 +243,6 @@ def cmd_leaderboard(args) -> int:
 def cmd_plot(args) -> int:
     from . import plots
     from .io import write_json_atomic
-
     from .run_sets import load_runs
 
     plots.check_out_path(args.out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, Iterable, NamedTuple, Tuple
+from typing import Dict, Iterable, NamedTuple
 
 from .errors import UserError
 

@@ -345,10 +345,11 @@ def delta_hist_figure(data: Dict[str, Any]):
                     else f"{min(unchanged):.0f}–{max(unchanged):.0f}%")
             ax.text(0.03, 0.97, f"unchanged (Δθ = 0): {head}", transform=ax.transAxes, fontsize=11,
                     fontweight="bold", va="top")
+            lines.append("dotted: medians of the changed coordinates")
             ax.text(0.03, 0.88, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="top", linespacing=1.3)
             ax.set_xlim(lo - 0.2, hi + 0.2)
             ax.set_title(f"({chr(ord('a') + idx)}) {name}")
-            ax.set_xlabel("log10 |Δθ|  (dotted: median of the changed coordinates)")
+            ax.set_xlabel("log10 |Δθ|")
             ax.set_ylabel("share of parameters (%)")
             ax.grid(alpha=0.3)
         for ax in axes:

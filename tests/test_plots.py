@@ -57,7 +57,8 @@ def test_matrix_heatmap(runs, tmp_path, capsys):
     assert "x: evaluated task; y: after learning task" in info["Description"]
     fig = plots.matrix_figure(result)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels[0] == "θ0" and len(labels) == len(result["tasks"]) + 1
+    assert labels[0] == "θ0" and len(labels) == len(result["tasks"]) + 2  # + the experts' row
+    assert labels[-1] == "expert (own task)"
 
 
 def test_curves_of_acc_and_sar(runs, tmp_path, capsys):
