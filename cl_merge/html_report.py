@@ -258,6 +258,15 @@ def curves_svg(results: Sequence[Dict[str, Any]]) -> str:
     return f'<figure id="curves">{svg}</figure>'
 
 
+SAR_SCOPES = {"seen_tasks": "mean over the seen tasks", "current_task": "current task only",
+              "all_tasks": "multitask: mean over all tasks against the one merged model"}
+
+
+def sar_scopes(results: Sequence[Dict[str, Any]]) -> str:
+    scopes = sorted({str(r.get("sar_scope")) for r in results if (r.get("sar") or [None])[-1] is not None})
+    return ("SAR: " + "; ".join(SAR_SCOPES.get(s, s) for s in scopes)) if scopes else "SAR not recorded"
+
+
 def render(results: Sequence[Dict[str, Any]], title: str = "cl_merge report") -> str:
     ordered = sorted(results, key=lambda r: (r["benchmark"], str(r["strategy"]), r["protocol"], len(r["tasks"]),
                                              str(r["order"]), r["seed"], str(r.get("run_id"))))
@@ -268,7 +277,7 @@ def render(results: Sequence[Dict[str, Any]], title: str = "cl_merge report") ->
         f"<title>{esc(title)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>",
         f"<h1>{esc(title)}</h1>",
         f'<p class="note">{len(results)} runs on {esc(benches)}. ACC, BWT (denominator T−1), FWT and normalized '
-        f"ACC in %; SAR (subspace alignment ratio) after the final step; {esc(report.scope_note(report.rows(results)))}. "
+        f"ACC in %; SAR (subspace alignment ratio) after the final step; {esc(sar_scopes(results))}. "
         "Click a column header to sort.</p>",
         "<h2>Leaderboard</h2>",
         '<p class="note">mean ± sample std over each group\'s runs (task orders × seeds).</p>',
