@@ -31,7 +31,7 @@ test: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# Regenerates the committed mini-suite results (every strategy x 5 orders, leaderboard, plots).
+# Regenerates the committed mini-suite results (every strategy x 5 orders, leaderboard, plots, HTML report).
 # Finished runs are skipped; delete results/mini/runs to recompute from scratch.
 MINI := results/mini
 MINI_EXPERTS := run.cache_dir=$(MINI)/runs/.cache run.threads=1
@@ -41,12 +41,14 @@ CLM := $(OFFLINE) $(VENV)/bin/cl-merge
 RESULTS_ENGINE ?= local
 results: $(STAMP)
 	$(CLM) leaderboard results/leaderboard_mini.toml --quiet --engine $(RESULTS_ENGINE)
-	$(CLM) plot matrix $(MINI)/runs --strategy saim --order 1 --out $(MINI)/plots/matrix_saim.png
-	$(CLM) plot matrix $(MINI)/runs --strategy c-ft --order 1 --out $(MINI)/plots/matrix_c-ft.png
-	$(CLM) plot curves $(MINI)/runs --out $(MINI)/plots/acc_sar_curves.png
+	$(CLM) plot matrix results/leaderboard_mini.toml --strategy saim --order 1 --out $(MINI)/plots/matrix_saim.png
+	$(CLM) plot matrix results/leaderboard_mini.toml --strategy c-ft --order 1 --out $(MINI)/plots/matrix_c-ft.png
+	$(CLM) plot curves results/leaderboard_mini.toml --out $(MINI)/plots/acc_sar_curves.png
+	$(CLM) plot curves results/leaderboard_mini.toml --out $(MINI)/plots/acc_sar_curves.pdf
 	$(CLM) plot delta-hist --learners adam sa_bcd --quiet --out $(MINI)/plots/delta_hist.png --data $(MINI)/plots/delta_hist.json $(MINI_EXPERTS)
 	$(CLM) plot disentanglement --learners adam sa_bcd --others absent --quiet --out $(MINI)/plots/disentanglement_two_tasks.png --data $(MINI)/plots/disentanglement_two_tasks.json $(MINI_EXPERTS)
 	$(CLM) plot disentanglement --learners adam sa_bcd --others fixed --quiet --out $(MINI)/plots/disentanglement_all_tasks.png --data $(MINI)/plots/disentanglement_all_tasks.json $(MINI_EXPERTS)
+	$(CLM) report results/leaderboard_mini.toml results/leaderboard_mini_multitask.toml --html $(MINI)/report.html
 
 # Errors and likely bugs (rules in pyproject's [tool.ruff]); formatting is not enforced.
 .PHONY: lint

@@ -344,8 +344,7 @@ def _clip_tower_costs(model_name: str, batch: int, repeats: int = 2) -> Tuple[fl
     forward()
     fwd = min(_timed(forward)[0] for _ in range(repeats)) / batch
     state = {k: p.detach().clone() for k, p in visual.named_parameters()}
-    opt.zero_grad(set_to_none=True)
-    del opt, model
+    opt.zero_grad(set_to_none=True)  # frees the gradients; Adam's state goes with the function's scope
     return train, fwd, build_s, state
 
 

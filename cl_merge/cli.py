@@ -47,6 +47,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+FIGURE_OUT_HELP = "output file; the extension picks the format: .png (200 dpi), .pdf or .svg"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cl-merge", description="Continual learning x model merging benchmark harness.")
     p.add_argument("--version", action="version", version=f"cl-merge {__version__}")
@@ -76,9 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tabulate result files (rich table, Markdown, CSV)",
                          description="Tabulate result files; runs that differ only in hyperparameters get "
                                      "a column naming the difference.")
-    rep.add_argument("paths", nargs="+", type=Path, help="result files or directories (searched recursively)")
+    rep.add_argument("paths", nargs="+", type=Path, help="result files, directories (searched recursively), or grid files (.toml: exactly "
+                                                         "that grid's runs)")
     rep.add_argument("--markdown", type=Path, help="also write a Markdown table here")
     rep.add_argument("--csv", type=Path, help="also write a CSV here")
+    rep.add_argument("--html", type=Path, help="also write a self-contained HTML report here (sortable tables, "
+                                               "heatmaps, curves; no network needed)")
 
     d = sub.add_parser("demo", help="every registered strategy on the embedded mini suite, then a report",
                        description="Every registered strategy (or --strategies) on the offline mini suite, then a "
@@ -124,18 +130,20 @@ def _parser() -> argparse.ArgumentParser:
                          "shared with other work: the time one dedicated core would take)")
     pn.add_argument("--json", type=Path, metavar="OUT", help="also write the plan as JSON")
 
-    pl = sub.add_parser("plot", help="analysis figures (PNG): matrix, curves, delta-hist, disentanglement")
+    pl = sub.add_parser("plot", help="analysis figures (PNG, PDF or SVG): matrix, curves, delta-hist, disentanglement")
     kinds = pl.add_subparsers(dest="kind", required=True)
     m = kinds.add_parser("matrix", help="accuracy-matrix heatmap of one result file (SAIM Fig. 4)")
-    m.add_argument("result", type=Path, help="a result file, or a directory with --strategy/--order/--num-tasks")
+    m.add_argument("result", type=Path, help="a result file, or a directory or grid file (.toml) with "
+                                                  "--strategy/--order/--num-tasks")
     m.add_argument("--strategy", help="pick the run of this strategy from a directory")
     m.add_argument("--order", help="pick the run of this order from a directory")
     m.add_argument("--num-tasks", type=int, help="pick the run with this many tasks from a directory")
-    m.add_argument("--out", type=Path, required=True, help="PNG path")
+    m.add_argument("--out", type=Path, required=True, help=FIGURE_OUT_HELP)
     c = kinds.add_parser("curves", help="ACC over seen tasks and SAR vs number of tasks (SAIM Fig. 6)")
-    c.add_argument("paths", nargs="+", type=Path, help="result files or directories")
+    c.add_argument("paths", nargs="+", type=Path, help="result files, directories, or grid files (.toml: "
+                                                       "exactly that grid's runs)")
     c.add_argument("--strategies", nargs="+", help="only these strategies (default: all found)")
-    c.add_argument("--out", type=Path, required=True, help="PNG path")
+    c.add_argument("--out", type=Path, required=True, help=FIGURE_OUT_HELP)
     for name, helptext in (("delta-hist", "log10 |Δθ| histograms of learners' experts (SAIM Fig. 2)"),
                            ("disentanglement", "weight-disentanglement error ξ(α1, α2) (SAIM Eq. 13/35, Fig. 3/5)")):
         k = kinds.add_parser(name, help=helptext)
@@ -144,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="one panel per learner (default: adam sa_bcd)")
         k.add_argument("--order", default=None, help="task order id (default: the benchmark's)")
         k.add_argument("--seed", type=int, default=0, help="expert seed")
-        k.add_argument("--out", type=Path, required=True, help="PNG path")
+        k.add_argument("--out", type=Path, required=True, help=FIGURE_OUT_HELP)
         k.add_argument("--data", type=Path, help="also write the plotted numbers as JSON here")
         k.add_argument("--quiet", action="store_true", help="no live progress")
         if name == "delta-hist":
@@ -287,12 +295,12 @@ def run_settings_rows(cls):
 def cmd_report(args) -> int:
     from . import report
     from .io import write_text_atomic
-    from .results import find_results, load_result
+    from .run_sets import load_runs
 
-    files = find_results(args.paths)
-    if not files:
+    results = load_runs(args.paths)  # result files, directories, grid files (.toml: that grid's runs)
+    if not results:
         raise UserError(f"no result files under {', '.join(map(str, args.paths))}")
-    rows = report.rows([load_result(f) for f in files])
+    rows = report.rows(results)
     out.print(report.rich_table(rows))
     if args.markdown:
         write_text_atomic(args.markdown, report.markdown(rows))
@@ -300,6 +308,11 @@ def cmd_report(args) -> int:
     if args.csv:
         write_text_atomic(args.csv, report.csv_text(rows))
         out.print(f"csv: {args.csv}")
+    if args.html:
+        from .html_report import render
+
+        write_text_atomic(args.html, render(results))
+        out.print(f"html: {args.html}")
     return 0
 
 
@@ -324,9 +337,9 @@ def cmd_plan(args) -> int:
 def cmd_plot(args) -> int:
     from . import plots
     from .io import write_json_atomic
-    from .results import find_results, load_result
+    from .run_sets import load_runs
 
-    plots.check_png_path(args.out)
+    plots.check_out_path(args.out)
     if args.kind == "matrix":
         picked = plots.pick_result(args.result, args.strategy, args.order, args.num_tasks)
         if picked.get("diverged"):
@@ -335,8 +348,7 @@ def cmd_plot(args) -> int:
                             "accuracy matrix to plot")
         fig = plots.matrix_figure(picked)
     elif args.kind == "curves":
-        files = find_results(args.paths)
-        results = [load_result(f) for f in files]
+        results = load_runs(args.paths)
         diverged = [r for r in results if r.get("diverged")]
         if diverged:  # no curve for a run without metrics
             out.print(f"[yellow]{len(diverged)} diverged run(s) left out[/] (e.g. {diverged[0].get('run_id')})")
@@ -371,7 +383,7 @@ def cmd_plot(args) -> int:
         if args.data:
             write_json_atomic(args.data, data)
             out.print(f"data: {args.data}")
-    plots.save_png(fig, args.out)
+    plots.save_figure(fig, args.out)
     out.print(f"plot: {args.out} — {plots.title_of(fig)}", highlight=False)
     return 0
 

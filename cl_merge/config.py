@@ -34,16 +34,25 @@ class RunSettings(Component):
     sar_qkv: Literal["split", "stacked"] = "split"  # open_clip's in_proj_weight: three d × d layers, or one
     # a non-finite loss, gradient norm or weight: stop (exit 3, no results file) or record the run as diverged
     on_divergence: Literal["stop", "record"] = "stop"
+    # experiment tracking (cl_merge.tracking): any of tensorboard,wandb,mlflow, comma-separated; none by default
+    log: Optional[str] = None
+    log_dir: Optional[str] = None  # default: <out>/.tracking
+    log_project: str = "cl_merge"  # the wandb project and MLflow experiment
 
     def __post_init__(self):
         if not 0.0 < self.sar_energy <= 1.0:
             raise ValueError(f"run.sar_energy must be in (0, 1], e.g. 0.95; got {self.sar_energy}")
+        if self.log is not None:  # an unknown tracker name fails before anything runs
+            from .tracking import parse_log
+
+            parse_log(self.log)
 
 
 # settings that change speed or storage but never a result (left out of the run fingerprint)
-_NON_RESULT_SETTINGS = {"device", "eval_batch_size", "threads", "expert_cache", "cache_dir", "on_divergence"}
-# where files go, not what a run is: left out of the results file too (the same run, wherever its cache lives)
-STORAGE_SETTINGS = ("cache_dir",)
+# where files go, not what a run is: left out of the results file too (the same run, wherever its cache
+# lives and whatever tracks it)
+STORAGE_SETTINGS = ("cache_dir", "log", "log_dir", "log_project")
+_NON_RESULT_SETTINGS = {"device", "eval_batch_size", "threads", "expert_cache", "on_divergence", *STORAGE_SETTINGS}
 
 
 @dataclasses.dataclass

@@ -109,7 +109,7 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
                  merger: Merger, protocol: str, seed: int, eval_unseen: bool,
                  checkpointer: Checkpointer, resume: bool, cache: Optional[ExpertCache],
                  reporter: Reporter, sar: Optional[SARMeter] = None,
-                 storage: Optional[Storage] = None) -> Dict[str, Any]:
+                 storage: Optional[Storage] = None, tracker=None) -> Dict[str, Any]:
     storage = storage or MemoryStorage()
     storage.check_run(protocol, learner)
     multitask = protocol == "multitask"
@@ -224,9 +224,12 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
         row = evaluate(f"step {t}/{T} evaluate", t)
         eval_s += time.perf_counter() - t_eval
 
-        StepRecord(step=t, task=task.name, row=row, expert_acc=expert_acc, expert_source=source, sar=sar_step,
-                   timings={"fit_s": fit_s, "merge_s": result.merge_s, "eval_s": eval_s, "sar_s": sar_s},
-                   merge=context.record, store=store_info).append_to(record)
+        step_record = StepRecord(step=t, task=task.name, row=row, expert_acc=expert_acc, expert_source=source,
+                                 sar=sar_step, timings={"fit_s": fit_s, "merge_s": result.merge_s, "eval_s": eval_s,
+                                                        "sar_s": sar_s}, merge=context.record, store=store_info)
+        step_record.append_to(record)
+        if tracker is not None:  # experiment tracking (cl_merge.tracking), after the step is recorded
+            tracker.after_step(step_record, record)
         record.update(storage.checkpoint_record(result.deployed, result.state))
         checkpointer.save(t, record, {**storage.checkpoint_tensors(result.deployed, result.state),
                                       "learner": learner.state_dict()})
@@ -237,6 +240,8 @@ def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, lea
                      f" ({source})")
     if gathered is not None:
         deployed = gathered.merge(merger, adapter, theta0, tasks, sar, record, evaluate)
+        if tracker is not None:
+            tracker.after_merge(record)
         reporter.log(f"multitask merge of {T} experts: ACC {_fmt(sum(record['acc_matrix'][-1]) / T)}")
     adapter.set_state(deployed)
     record["deployed"] = deployed

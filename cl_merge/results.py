@@ -124,8 +124,10 @@ def find_results(paths: List[os.PathLike]) -> List[Path]:
     files: List[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
+            # hidden folders below the root (.cache, run.log's .tracking) hold no results of their own
             files.extend(sorted(q for q in p.rglob("*.json") if not q.name.startswith(".")
-                                and ".cache" not in q.parts and not q.parent.name.endswith(".ckpt")))
+                                and ".cache" not in q.parts and not q.parent.name.endswith(".ckpt")
+                                and not any(part.startswith(".") for part in q.relative_to(p).parts)))
         elif p.exists():
             files.append(p)
         else:

@@ -105,6 +105,25 @@ def run_lock(out_dir: Path, run_id: str):
 
 def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device,
          cache_dir) -> Tuple[Dict[str, Any], Path]:
+    tracker = None
+    if settings.log:  # run.log=tensorboard,wandb,mlflow (cl_merge.tracking; imported only when named)
+        from .tracking import open_trackers
+
+        tracker = open_trackers(config, settings, out_dir)
+    try:
+        result, path = _run_steps(config, out_dir, path, resume, progress, benchmark, learner, merger, settings,
+                                  device, cache_dir, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(failed=True)
+        raise
+    if tracker is not None:
+        tracker.close(failed=bool(result.get("diverged")))
+    return result, path
+
+
+def _run_steps(config, out_dir, path, resume, progress, benchmark, learner, merger, settings, device,
+               cache_dir, tracker) -> Tuple[Dict[str, Any], Path]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if device.startswith("cuda"):
@@ -127,10 +146,12 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
                             qkv=settings.sar_qkv) if settings.sar else None)
             # the benchmark picks the parameter store: in memory, or tensor by tensor on disk (mergebench)
             storage = benchmark.parameter_storage(adapter=adapter, checkpointer=checkpointer, device=device)
+            if tracker is not None:
+                tracker.start(stream.names)
             record = run_protocol(stream=stream, adapter=adapter, learner=learner, learner_name=config.learner,
                                   merger=merger, protocol=config.protocol, seed=config.seed,
                                   eval_unseen=settings.eval_unseen, checkpointer=checkpointer, resume=resume,
-                                  cache=cache, reporter=reporter, sar=sar, storage=storage)
+                                  cache=cache, reporter=reporter, sar=sar, storage=storage, tracker=tracker)
             benchmark.finish_run(stream, record)
             record["val_acc"] = final_validation(adapter, stream.tasks)
             record["weight_sha256"] = weight_sha256(record["deployed"])
@@ -145,6 +166,8 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
                           wall_s=time.perf_counter() - t_start, diverged=exc)
         write_json_atomic(path, result)
         checkpointer.clear()
+        if tracker is not None:
+            tracker.after_run(result, path)
         return result, path
     finally:
         if cache is not None:
@@ -157,6 +180,8 @@ def _run(config, out_dir, path, resume, progress, benchmark, learner, merger, se
         result["benchmark_detail"] = stream.results_detail()
     write_json_atomic(path, result)
     checkpointer.clear()  # the results file is the durable output; the resume point is spent
+    if tracker is not None:
+        tracker.after_run(result, path)
     return result, path
 
 

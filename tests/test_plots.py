@@ -57,7 +57,8 @@ def test_matrix_heatmap(runs, tmp_path, capsys):
     assert "x: evaluated task; y: after learning task" in info["Description"]
     fig = plots.matrix_figure(result)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels[0] == "θ0" and len(labels) == len(result["tasks"]) + 1
+    assert labels[0] == "θ0" and len(labels) == len(result["tasks"]) + 2  # + the experts' row
+    assert labels[-1] == "expert (own task)"
 
 
 def test_curves_of_acc_and_sar(runs, tmp_path, capsys):
@@ -175,5 +176,5 @@ def test_plot_errors_name_the_file(tmp_path, capsys):
     code, captured = cli(capsys, "plot", "matrix", bad, "--out", tmp_path / "m.png")
     assert code == 2 and str(bad) in captured.err
     code, captured = cli(capsys, "plot", "matrix", bad, "--out", tmp_path / "m.jpg")
-    assert code == 2 and "must end in .png" in captured.err
+    assert code == 2 and "must end in .png, .pdf or .svg" in captured.err
     assert not (tmp_path / "m.png").exists()
