@@ -148,7 +148,9 @@ def _task_vector_like(state: Dict[str, torch.Tensor], gen: torch.Generator, scal
 def _merge_costs(theta0: Dict[str, torch.Tensor], mergers: Dict[str, Any], multitask: Dict[str, Any],
                  notes: Dict[str, str], what: str) -> Tuple[Dict[str, float], Dict[str, List[float]]]:
     """One continual merge step (step 2, after a step 1) per merger; multitask merges of 2 and 3
-    experts (a + b·T), all on ``theta0``'s shapes with synthetic task vectors."""
+    experts (a + b·T), all on ``theta0``'s shapes with synthetic task vectors. The continual variants
+    of the multi-task mergers see a 3-task run (their per-task rank is r/T; their step cost grows with t,
+    which the step-2 figure does not follow)."""
     from .merge_engine import MergeContext, StepInputs, merge_step
     from .multitask_merge import merge_at_once
     from .store import MemoryStorage, MemoryStore
@@ -164,13 +166,16 @@ def _merge_costs(theta0: Dict[str, torch.Tensor], mergers: Dict[str, Any], multi
         def touch(state):  # a validation scorer stand-in: builds the candidate (its evaluation is priced apart)
             return float(sum(float(state[n].flatten()[0]) for n in state))
 
+        def fisher_of(expert):  # a positive stand-in diagonal for mergers that need one (continual EpiMer)
+            return {k: v.abs() + 1e-6 for k, v in expert.items()} if getattr(merger, "needs_fisher", False) else None
+
         state, previous = storage.empty_state(), base
         for step in (1, 2):
             dw, sw, scw, release = storage.writers(step)
             seconds, result = _timed(lambda: merge_step(
                 merger, StepInputs(base, previous, experts[step - 1], base, step), state, deployed_writer=dw,
                 state_writer=sw, scratch_writer=scw, release=release,
-                context=MergeContext(step=step, validation_score=touch)))
+                context=MergeContext(step=step, validation_score=touch, tasks=3, fisher=fisher_of(experts[step - 1]))))
             previous, state = result.deployed, result.state
         merge_s[name] = seconds
         _LOG(f"  merge {name}: {seconds:.2f} s per step")
