@@ -180,7 +180,7 @@ def test_plan_cli_writes_json_and_rejects_bad_input(tmp_path, capsys):
     assert main(["plan", str(ROOT / "results" / "leaderboard_mini_multitask.toml"), "--counts-only",
                  "--json", str(target)]) == 0
     data = json.loads(target.read_text())
-    assert data["total"]["runs"] == 8 and data["distinct_experts"] == 9
+    assert data["total"]["runs"] == 40 and data["distinct_experts"] == 9  # 8 strategies × 5 orders share 9 experts
     assert main(["plan", str(tmp_path / "missing.toml")]) == 2
     assert "no such grid file" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
