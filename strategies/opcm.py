@@ -133,26 +133,26 @@ def gram_eigh(a: torch.Tensor):
 
 
 def project_task_vector(prev_delta: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """τ̃ for one 2-D weight (see the module docstring): Gram/eigh route, float32 or float64 per matrix."""
+    """τ̃ for one 2-D weight (see the module docstring): Gram/eigh route; U = M V S⁻¹ in the working
+    precision, the projection itself with the orthonormal factors in float32."""
     m = prev_delta if prev_delta.dtype == torch.float64 else prev_delta.float()
     if not bool(m.any()):
         return tau.clone()
     transposed = m.shape[0] < m.shape[1]
     a, lam, vec = gram_eigh(m.T if transposed else m)
-    x = (tau.T if transposed else tau).to(a.dtype)
     s = lam.sqrt()
-    keep = s > NULL_RTOL * s[0]
-    r = split_rank(torch.where(keep, s, 0.0), alpha)
-    inv = keep / torch.where(keep, lam, 1.0)                 # 1/σ_i² (float64), 0 on null directions
-    cv = (a.T @ x) @ vec                                     # C V with C = Mᵀτ
-    xd = ((vec * cv).sum(0).double() * inv).to(a.dtype)     # X_ii = K_ii/σ_i²
-    w = (vec * xd) @ vec.T                                   # V diag(X_ii) Vᵀ
-    if r > 0:                                                # + the rest of the r×r block
-        vr = vec[:, :r]
-        blk = ((vr.T @ cv[:, :r]).double() * (inv[:r, None] * keep[:r])).to(a.dtype)  # X_ij = K_ij/σ_i²
-        blk.diagonal().zero_()
-        w += vr @ (blk @ vr.T)
-    out = x - a @ w
+    keep = int((s > NULL_RTOL * s[0]).sum())                 # a prefix: s is descending
+    r = min(split_rank(torch.cat([s[:keep], s.new_zeros(s.numel() - keep)]), alpha), keep)
+    vk = vec[:, :keep]
+    u = (a @ vk) / s[:keep].to(a.dtype)                      # U = M V S⁻¹ (float64 when κ demands it)
+    work = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    u, vk = u.to(work), vk.to(work)
+    x = (tau.T if transposed else tau).to(work)
+    k = (u.T @ x) @ vk                                       # K = Uᵀ τ V (orthonormal factors)
+    q = torch.diag_embed(k.diagonal())                       # Q: P's diagonal …
+    if r > 0:
+        q[:r, :r] = k[:r, :r]                                # … and its r×r leading block
+    out = x - (u @ q) @ vk.T                                 # τ − U Q Vᵀ
     if transposed:
         out = out.T
     return out.to(tau.dtype).contiguous()

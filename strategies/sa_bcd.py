@@ -94,7 +94,7 @@ def top_mask_into(score: torch.Tensor, k: int, out: torch.Tensor,
     to the lower index) and return it.
 
     On CPU, numpy's introselect (``np.partition``) finds the threshold: ~10× faster than
-    ``torch.kthvalue``/``topk`` here. ``work`` (float, ≥ 2·numel) is reused across calls: fresh
+    ``torch.kthvalue``/``topk`` here; elsewhere (CUDA) ``exact_top_k``, the same set. ``work`` (float, ≥ 2·numel) is reused across calls: fresh
     multi-MB buffers each step cost page faults that dominate on large models."""
     n = score.numel()
     if k >= n:
@@ -116,10 +116,23 @@ def top_mask_into(score: torch.Tensor, k: int, out: torch.Tensor,
             ties = np.flatnonzero(a == threshold)
             keep[ties[ties.size - extra:]] = 0.0
         return out
-    a = score.detach().abs().reshape(-1).float()
-    keep = torch.zeros(n, dtype=torch.bool, device=score.device)
-    keep[torch.topk(a, k, sorted=False).indices] = True  # tie order unspecified off CPU
-    return out.copy_(keep.view_as(out))
+    return out.copy_(exact_top_k(score, k).view_as(out))
+
+
+def exact_top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (flat) of the k entries of largest |score|, ties at the threshold to the lower
+    index, with torch ops on ``score``'s device (CUDA; ``torch.topk`` leaves the tie order
+    unspecified): the threshold is the k-th largest |score| (``kthvalue``), everything above it is
+    kept, and of the entries equal to it the first k − #above (a cumulative count)."""
+    a = score.detach().abs().reshape(-1)
+    n = a.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    threshold = a.kthvalue(n - k + 1).values  # k-th largest = (n − k + 1)-th smallest
+    above = a > threshold
+    tied = a == threshold
+    room = k - above.sum()
+    return above | (tied & (tied.cumsum(0) <= room))
 
 
 def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
