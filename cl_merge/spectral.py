@@ -18,6 +18,17 @@ isotropic.py``) and of OPCM (``strategies/opcm.py``), factored out here:
   singular pair on its own (a float32 eigh rotates pairs with close singular values by
   ~ε32·λ_max/gap, not bounded by κ) — and the products in float32 when ε32·κ² ≤ FAST_PATH_BOUND.
 
+* the refined truncated route (``"auto"``, ``truncated_svd`` only): when ε32·σ_1²/σ_k² fails, the
+  float32 eigendecomposition is still used for its subspace: the q = 2k + 16 leading eigenvectors
+  are orthonormalised in float64 and the k leading Ritz pairs of A on that subspace come from one
+  m × q float64 product and a q × q float64 eigh (Rayleigh–Ritz). Only mixing between a kept pair and
+  a pair outside the q-dimensional subspace survives; its first-order size, with the constants of an
+  error study (``benchmarks/perf/truncated_svd_precision.py``: measured ≤ 0.8 × predicted wherever
+  it matters), is ``refined_error_estimate``, and the route is taken when it is ≤
+  ``TRUNCATED_SVD_BOUND`` (1e-4), else float64 throughout. On fine-tuning-like updates (a decaying
+  rank-8 signal plus noise, σ_1/σ_32 ≈ 10–15) it errs by 4e-6–3e-5 against a float64 SVD, where a
+  float32 LAPACK SVD errs by 3e-6–3e-5; cuts inside a dense cluster (tiny gaps) go to float64.
+
 Null directions: singular values σ_i ≤ 10·ε(dtype)·σ_max carry no signal (their singular vectors are
 arbitrary: any orthonormal completion is a valid SVD). They are dropped: ``truncated_svd`` returns
 fewer than k pairs and ``polar`` is the orthonormal factor on the row/column space only (a literal
