@@ -50,7 +50,7 @@ def dare_drop(delta: torch.Tensor, drop_rate: float, rescale: bool, generator: t
     """δ ⊙ m / (1 − p) with m = [u > p], u ~ U[0, 1) drawn from ``generator``."""
     if drop_rate == 0.0:
         return delta.clone()
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) > drop_rate
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=generator.device) > drop_rate
     out = delta * keep.to(delta.device)
     return out / (1.0 - drop_rate) if rescale else out
 

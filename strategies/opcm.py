@@ -47,18 +47,21 @@ which equals the full-SVD formula without forming the m×m / n×n bases (U_⊥, 
 that are kept). Wide matrices are transposed first (the rule is symmetric under it), so m ≥ n = k.
 
 No SVD is computed: V and S² come from the eigendecomposition of the n×n Gram matrix G = MᵀM (sorted
-descending), and U = M V S⁻¹. With C = Mᵀτ and K = Vᵀ C V, u_iᵀ τ v_j = K_ij / σ_i, hence
-    τ̃ = τ − M (V X Vᵀ),  X = S⁻¹Q:  X_ii = K_ii / σ_i²,  X_ij = K_ij / σ_i² inside the r×r block,
-i.e. three m×n×n products (G, C and M·(V X Vᵀ)), one n×n eigh and a few n×n products.
+descending), and U = M V S⁻¹ (on the non-null directions). With K = Uᵀ τ V (K_ij = u_iᵀ τ v_j),
+    τ̃ = τ − U Q Vᵀ,  Q = diag(K_ii) with Q[:r, :r] = K[:r, :r],
+i.e. four m×n×n products (G, U, Uᵀτ and (UQ)Vᵀ), one n×n eigh and one n×n product.
 
 Precision. G and its eigendecomposition are always float64: OPCM needs every singular pair on its own
 (P's diagonal), and a float32 eigh rotates pairs with close singular values (error ~ε32·λ_max/gap, not
-bounded by κ), up to 1.2e-5 relative on the ViT-B/32 benchmark's random MLP weights. The products
-(C, K, V X Vᵀ, M·(V X Vᵀ)) use the conditioning rule of ``strategies/isotropic.py`` (its
-``FAST_PATH_BOUND``), read off the float64 eigenvalues: float32 when ε32·κ² ≤ 1e-5 (well-conditioned
-rectangular matrices, e.g. random ViT attention/MLP weights, κ ≈ 3–4; error ~1e-7), float64 otherwise
-(square or ill-conditioned matrices, e.g. fine-tuning updates with a decaying spectrum: a float32
-product would leave ~ε32·κ on the small directions).
+bounded by κ), up to 1.2e-5 relative on the ViT-B/32 benchmark's random MLP weights. U = M V S⁻¹ uses
+the conditioning rule of ``cl_merge.numerics`` (``FAST_PATH_BOUND``), read off the float64
+eigenvalues: float32 when ε32·κ² ≤ 1e-5 (well-conditioned rectangular matrices, κ ≈ 3–4), float64
+otherwise (a float32 U would be off by ~ε32·κ on the small directions). The projection itself
+(Uᵀτ V and U Q Vᵀ) runs in float32 always: U and V have orthonormal columns, so its rounding is
+~ε32·‖τ‖ whatever κ is (measured on fine-tuning-like 768×768 / 3072×768 updates with κ up to 1e5:
+2e-7 relative against a float64 full-SVD literal step, where the float32 literal step is at 5e-6 to
+1.7e-5). An earlier form, τ̃ = τ − M (V X Vᵀ) with X = S⁻¹Q S⁻¹, needed every product in float64
+on ill-conditioned M, since the operator V X Vᵀ carries 1/σ².
 Timings and errors: ``benchmarks/perf/opcm_step.py``.
 
 Null directions. Singular directions with σ_i ≤ 10·ε32·σ_max (the deltas are float32 data; this is
@@ -133,26 +136,26 @@ def gram_eigh(a: torch.Tensor):
 
 
 def project_task_vector(prev_delta: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """τ̃ for one 2-D weight (see the module docstring): Gram/eigh route, float32 or float64 per matrix."""
+    """τ̃ for one 2-D weight (see the module docstring): Gram/eigh route; U = M V S⁻¹ in the working
+    precision, the projection itself with the orthonormal factors in float32."""
     m = prev_delta if prev_delta.dtype == torch.float64 else prev_delta.float()
     if not bool(m.any()):
         return tau.clone()
     transposed = m.shape[0] < m.shape[1]
     a, lam, vec = gram_eigh(m.T if transposed else m)
-    x = (tau.T if transposed else tau).to(a.dtype)
     s = lam.sqrt()
-    keep = s > NULL_RTOL * s[0]
-    r = split_rank(torch.where(keep, s, 0.0), alpha)
-    inv = keep / torch.where(keep, lam, 1.0)                 # 1/σ_i² (float64), 0 on null directions
-    cv = (a.T @ x) @ vec                                     # C V with C = Mᵀτ
-    xd = ((vec * cv).sum(0).double() * inv).to(a.dtype)     # X_ii = K_ii/σ_i²
-    w = (vec * xd) @ vec.T                                   # V diag(X_ii) Vᵀ
-    if r > 0:                                                # + the rest of the r×r block
-        vr = vec[:, :r]
-        blk = ((vr.T @ cv[:, :r]).double() * (inv[:r, None] * keep[:r])).to(a.dtype)  # X_ij = K_ij/σ_i²
-        blk.diagonal().zero_()
-        w += vr @ (blk @ vr.T)
-    out = x - a @ w
+    keep = int((s > NULL_RTOL * s[0]).sum())                 # a prefix: s is descending
+    r = min(split_rank(torch.cat([s[:keep], s.new_zeros(s.numel() - keep)]), alpha), keep)
+    vk = vec[:, :keep]
+    u = (a @ vk) / s[:keep].to(a.dtype)                      # U = M V S⁻¹ (float64 when κ demands it)
+    work = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    u, vk = u.to(work), vk.to(work)
+    x = (tau.T if transposed else tau).to(work)
+    k = (u.T @ x) @ vk                                       # K = Uᵀ τ V (orthonormal factors)
+    q = torch.diag_embed(k.diagonal())                       # Q: P's diagonal …
+    if r > 0:
+        q[:r, :r] = k[:r, :r]                                # … and its r×r leading block
+    out = x - (u @ q) @ vk.T                                 # τ − U Q Vᵀ
     if transposed:
         out = out.T
     return out.to(tau.dtype).contiguous()

@@ -18,6 +18,13 @@ Two readings of the update (``update``):
   provisional momentum m̃ = β1 m_{t−1} + (1 − β1) g — Eq. 7's m_t with the gradient at Θ — which is
   not stored; the stored m, v are then updated with g′.
 
+Implementation of the default reading (``"sam_adam"``, decay on Ω): Θ is copied before the
+perturbation, torch's fused AdamW kernel runs the Adam step (moments of g′ on every coordinate,
+decay and step) on that copy in one pass, and ``lerp(Θ + ε*, copy, 1_Ω)`` keeps it on Ω only —
+exact at the 0/1 weights, so Θ off Ω is unchanged bit for bit and no restore pass is needed (the
+unfused code, used for the other options and for dtypes/devices the kernel lacks, restores Θ by
+subtracting ε*). ``benchmarks/perf/sa_bcd_step.py`` times it.
+
 In both readings the moments of every coordinate are updated each step (Alg. 1 keeps full m, v);
 only Θ is restricted to Ω. m̂, v̂ carry Adam's bias corrections (Alg. 1 l. 13).
 
@@ -55,7 +62,7 @@ Scope: per tensor (default) vs global give the same ACC on mini (67.7 both; BWT 
 experts 86.7 vs 86.8: within one seed's noise). The paper's "top p% of parameters" reads as global;
 per tensor stays the default because it measures the same here, keeps every layer adapting whatever
 the gradient scale of its neighbours, and costs one partition per tensor instead of one over all
-parameters at every step (88M entries on ViT-B/32, where SA-BCD's step is already at 2.2× AdamW's).
+parameters at every step (88M entries on ViT-B/32).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def top_mask_into(score: torch.Tensor, k: int, out: torch.Tensor,
     to the lower index) and return it.
 
     On CPU, numpy's introselect (``np.partition``) finds the threshold: ~10× faster than
-    ``torch.kthvalue``/``topk`` here. ``work`` (float, ≥ 2·numel) is reused across calls: fresh
+    ``torch.kthvalue``/``topk`` here; elsewhere (CUDA) ``exact_top_k``, the same set. ``work`` (float, ≥ 2·numel) is reused across calls: fresh
     multi-MB buffers each step cost page faults that dominate on large models."""
     n = score.numel()
     if k >= n:
@@ -109,10 +116,23 @@ def top_mask_into(score: torch.Tensor, k: int, out: torch.Tensor,
             ties = np.flatnonzero(a == threshold)
             keep[ties[ties.size - extra:]] = 0.0
         return out
-    a = score.detach().abs().reshape(-1).float()
-    keep = torch.zeros(n, dtype=torch.bool, device=score.device)
-    keep[torch.topk(a, k, sorted=False).indices] = True  # tie order unspecified off CPU
-    return out.copy_(keep.view_as(out))
+    return out.copy_(exact_top_k(score, k).view_as(out))
+
+
+def exact_top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (flat) of the k entries of largest |score|, ties at the threshold to the lower
+    index, with torch ops on ``score``'s device (CUDA; ``torch.topk`` leaves the tie order
+    unspecified): the threshold is the k-th largest |score| (``kthvalue``), everything above it is
+    kept, and of the entries equal to it the first k − #above (a cumulative count)."""
+    a = score.detach().abs().reshape(-1)
+    n = a.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    threshold = a.kthvalue(n - k + 1).values  # k-th largest = (n − k + 1)-th smallest
+    above = a > threshold
+    tied = a == threshold
+    room = k - above.sum()
+    return above | (tied & (tied.cumsum(0) <= room))
 
 
 def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,10 +225,18 @@ class SABCD(torch.optim.Optimizer):
         torch._foreach_mul_(g_sel, masks)
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_sel))))
         scale = self.rho / norm if norm > 0.0 else 0.0
+        fused = self._fusable(groups)
+        if fused:  # keep Θ in "work" (the scores are no longer needed): the fused update starts from it
+            saved = [st["work"] for _, _, states in groups for st in states]
+            torch._foreach_copy_(saved, all_params)
         if scale:
             torch._foreach_add_(all_params, g_sel, alpha=scale)
         with torch.enable_grad():
             closure()  # g′ = ∇L(Θ + ε*)
+        if fused:  # no restore: Θ + ε* = Θ exactly off Ω, and Ω is overwritten below
+            del g_sel
+            self._fused_update(groups, masks, saved)
+            return loss
         if scale:
             torch._foreach_add_(all_params, g_sel, alpha=-scale)
         del g_sel
@@ -253,6 +281,48 @@ class SABCD(torch.optim.Optimizer):
                     torch._foreach_addcmul_(params, mask, params, value=-lr * wd)
             torch._foreach_addcmul_(params, mask, direction, value=-lr / bc1)  # Θ_Ω ← Θ_Ω − η·(…)_Ω
         return loss
+
+    # ---- the default reading's update in one fused pass ---------------------------------------
+    def _fusable(self, groups) -> bool:
+        """Whether torch's fused AdamW kernel can run the update (``"sam_adam"``, decay on Ω only,
+        one floating dtype and device per group, a device the kernel supports)."""
+        if self.update != "sam_adam" or self.decay != "selected" or not hasattr(torch, "_fused_adamw_"):
+            return False
+        for _, params, _ in groups:
+            kinds = {(p.dtype, p.device) for p in params}
+            if len(kinds) != 1:
+                return False
+            dtype, device = kinds.pop()
+            if device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                return False
+        return True
+
+    def _fused_update(self, groups, masks, saved) -> None:
+        """Adam with moments of g′ on every coordinate, Θ moved on Ω only (Eq. 9):
+
+            m, v ← Adam's moments of g′;  Θ̃ = AdamW(Θ) (decay and step everywhere, one fused pass,
+            on ``saved``, the copy of Θ taken before the perturbation)
+            Θ ← lerp(Θ + ε*, Θ̃, 1_Ω)
+
+        ``lerp`` is exact at weights 0 and 1: off Ω it returns Θ + ε* = Θ (ε* is exactly 0 there)
+        bit for bit, on Ω it returns Θ̃_i = Θ_i(1 − η·wd) − η·m̂_i/(√v̂_i + ε), the unfused code's
+        update (which restores Θ by subtracting ε*, within one rounding on Ω)."""
+        offset = 0
+        for group, params, states in groups:
+            mask = masks[offset:offset + len(params)]
+            old = saved[offset:offset + len(params)]
+            offset += len(params)
+            b1, b2 = group["betas"]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            t = states[0]["step"] + 1
+            for st in states:
+                st["step"] = t
+            step = torch.full((), float(t), dtype=torch.float32, device=params[0].device)
+            torch._fused_adamw_(old, grads, [st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states], [], [step] * len(params),
+                                lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+                                eps=group["eps"], amsgrad=False, maximize=False)
+            torch._foreach_lerp_(params, old, mask)
 
     def _state(self, p: torch.Tensor) -> dict:
         st = self.state[p]

@@ -52,7 +52,7 @@ def task_factors(deltas: List[torch.Tensor], k: int, policy: Policy = "auto") ->
     for t, d in enumerate(deltas):
         u, s, v = truncated_svd(d, k, policy)
         us.append(u), ss.append(s), vs.append(v)
-        owners.append(torch.full((s.numel(),), t, dtype=torch.long))
+        owners.append(torch.full((s.numel(),), t, dtype=torch.long, device=s.device))
     return TaskFactors(torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1), torch.cat(owners))
 
 

@@ -153,3 +153,92 @@ def test_bad_hyperparameters_are_rejected():
         LEARNERS.get("sa_bcd")(p=0.0)
     with pytest.raises(ValueError):
         LEARNERS.get("sa_bcd")(rho=-1.0)
+
+
+def _sorted_selection(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Oracle: order by (−|score|, index) with a stable sort in float64, keep the first k."""
+    flat = score.detach().reshape(-1).double().abs()
+    order = torch.sort(-flat, stable=True).indices[:k]
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order] = True
+    return keep.view(score.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("values", ["continuous", "few_levels", "zeros"])
+def test_top_mask_is_the_exact_top_k_including_ties(dtype, values):
+    """The selection equals a full sort (ties at the threshold → lower index) and keeps exactly k
+    entries, on random inputs with heavy ties; the k entries also carry torch.topk's values."""
+    from cl_merge.strategies.sa_bcd import selection_size, top_mask
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(20):
+        n = int(torch.randint(1, 400, (1,), generator=g))
+        if values == "continuous":
+            score = torch.randn(n, generator=g, dtype=torch.float64)
+        elif values == "few_levels":  # many exact ties, both signs (|−2| ties with |2|)
+            score = torch.randint(-3, 4, (n,), generator=g).double()
+        else:
+            score = torch.zeros(n, dtype=torch.float64)
+            score[torch.randint(0, n, (max(1, n // 10),), generator=g)] = 1.0
+        score = score.to(dtype).reshape(-1, 1) if trial % 2 else score.to(dtype)
+        for p in (0.01, 0.3, 0.5, 0.97, 1.0):
+            k = selection_size(p, n)
+            got = top_mask(score, k).bool()
+            assert int(got.sum()) == k
+            assert torch.equal(got, _sorted_selection(score, k)), (trial, p)
+            top_vals = torch.topk(score.reshape(-1).abs(), k).values
+            assert torch.equal(torch.sort(score.reshape(-1).abs()[got.reshape(-1)]).values,
+                               torch.sort(top_vals).values)
+
+
+def test_optimizer_selection_equals_the_sort_oracle_per_tensor_and_global():
+    """Ω inside SABCD.step (both scopes) is the sort oracle's set on the provisional momentum."""
+    from cl_merge.strategies.sa_bcd import SABCD, selection_size
+
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(7, 5, generator=g)), torch.nn.Parameter(torch.randn(13, generator=g))]
+    for scope in ("tensor", "global"):
+        opt = SABCD(params, lr=1e-3, p=0.3, scope=scope)
+        grads = [torch.randint(-2, 3, p.shape, generator=g).float() for p in params]  # ties
+
+        def closure():
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            return torch.tensor(0.0)
+
+        opt.step(closure)
+        b1 = opt.param_groups[0]["betas"][0]
+        scores = [(1 - b1) * gr for gr in grads]  # m̃ at the first step (m = 0)
+        masks = [opt.state[p]["mask"].bool() for p in params]
+        if scope == "tensor":
+            for s, m in zip(scores, masks):
+                assert torch.equal(m, _sorted_selection(s, selection_size(0.3, s.numel())))
+        else:
+            flat = torch.cat([s.reshape(-1) for s in scores])
+            want = _sorted_selection(flat, selection_size(0.3, flat.numel()))
+            assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fused kernel / unfused code
+def test_coordinates_off_the_selection_are_bit_for_bit_unchanged(dtype):
+    from cl_merge.strategies.sa_bcd import SABCD
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(40, 30, generator=g, dtype=dtype))
+    x = torch.randn(16, 30, generator=g, dtype=dtype)
+    opt = SABCD([w], lr=1e-2, p=0.2, rho=0.1)
+    assert opt._fusable([(opt.param_groups[0], [w], [opt._state(w)])]) == (dtype == torch.float32)
+    for _ in range(3):
+        before = w.detach().clone()
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = (x @ w.T).square().mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        off = ~opt.state[w]["mask"].bool()
+        assert torch.equal(w.detach()[off], before[off])
+        assert bool((w.detach()[~off] != before[~off]).all())

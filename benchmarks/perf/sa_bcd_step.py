@@ -111,9 +111,15 @@ def main():
         print(f"{model_name}: {n_params / 1e6:.2f}M parameters, batch {batch}, threads {args.threads}, "
               f"load average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY {WAIT_POLICY}; median of {args.steps} steps; "
               f"one forward+backward {fb * 1e3:.1f} ms")
+        print(f"  reference: adam (AdamW) wall {adam * 1e3:.1f} ms/step, CPU {adam_cpu * 1e3:.1f} ms/step; "
+              f"load average now {os.getloadavg()[0]:.1f}")
         for n in names:
             med, med_cpu = statistics.median(times[n]), statistics.median(cpu[n])
-            print(f"  {n:15s} wall {med * 1e3:8.1f} ms/step  ÷ adam {med / adam:4.2f}×   "
+            # each step's ratio against the adam step of the same round (the A B A B pairs)
+            pairs = [a / b for a, b in zip(times[n], times["adam"])]
+            print(f"  {n:15s} wall {med * 1e3:8.1f} ms/step  ÷ adam {med / adam:4.2f}× "
+                  f"(median of {len(pairs)} paired ratios {statistics.median(pairs):4.2f}×, "
+                  f"pairs {' '.join(f'{r:.2f}' for r in pairs)})   "
                   f"CPU {med_cpu * 1e3:8.1f} ms/step  ÷ adam {med_cpu / adam_cpu:4.2f}×")
 
 

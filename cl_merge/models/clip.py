@@ -49,6 +49,8 @@ class ClipClassifier(ModelAdapter):
         self._device = torch.device(device)
         # mixed precision (autocast; weights and gradients stay fp32) applies on CUDA only
         self.precision = precision if self._device.type == "cuda" else "fp32"
+        # page-locked host batches let the copies to the GPU overlap compute (non_blocking below)
+        self._pin_memory = self._device.type == "cuda"
         self._fingerprint = state_fingerprint(self.model)
         self._heads: Dict[str, torch.Tensor] = {}
         self.logit_scale = float(self.model.logit_scale.detach().exp())
@@ -141,12 +143,12 @@ class ClipClassifier(ModelAdapter):
         return loss
 
     def train_batches(self, task: Task, batch_size: int, steps: int, generator: torch.Generator) -> Iterator:
-        return _cycle(task.train, batch_size, steps, generator, self.num_workers)
+        return _cycle(task.train, batch_size, steps, generator, self.num_workers, self._pin_memory)
 
     @torch.no_grad()
     def predict(self, dataset: Dataset, task: Task) -> torch.Tensor:
         loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                            num_workers=self.num_workers)
+                            num_workers=self.num_workers, pin_memory=self._pin_memory)
         return torch.cat([self.logits(x, task).argmax(-1).cpu() for x, _ in loader])
 
     @torch.no_grad()
@@ -157,7 +159,7 @@ class ClipClassifier(ModelAdapter):
             loader = dataset.iter_batches(self.eval_batch_size, self._device)
         else:
             loader = DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                                num_workers=self.num_workers)
+                                num_workers=self.num_workers, pin_memory=self._pin_memory)
         correct = total = 0
         n_batches = -(-len(dataset) // self.eval_batch_size) if hasattr(dataset, "__len__") else None
         for images, labels in batches(loader, n_batches, f"evaluate {task.name} ({split})"):
@@ -170,11 +172,13 @@ class ClipClassifier(ModelAdapter):
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _cycle(dataset: Dataset, batch_size: int, steps: int, generator: torch.Generator, num_workers: int):
+def _cycle(dataset: Dataset, batch_size: int, steps: int, generator: torch.Generator, num_workers: int,
+           pin_memory: bool = False):
     done = 0
     while done < steps:
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
-                            drop_last=True, generator=generator, num_workers=num_workers)
+                            drop_last=True, generator=generator, num_workers=num_workers,
+                            pin_memory=pin_memory)
         for batch in loader:
             yield batch
             done += 1
