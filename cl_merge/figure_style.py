@@ -43,6 +43,9 @@ STRATEGY_STYLES: Dict[str, Style] = {
     "ta": Style("#0072B2", "v"), "ties-m": Style("#009E73", "v"), "dare-ta": Style("#BCBD22", "v"),
     "fisher": Style("#CC79A7", "v"), "epimer": Style("#D55E00", "v"), "iso-c": Style("#E69F00", "v"),
     "iso-cts": Style("#8C564B", "v"), "tsv-m": Style("#17BECF", "v"),
+    # their continual variants: plus signs, in the colour of the all-at-once method
+    "c-iso-c": Style("#E69F00", "P"), "c-iso-cts": Style("#8C564B", "P"), "c-tsv-m": Style("#17BECF", "P"),
+    "c-epimer": Style("#D55E00", "P"),
 }
 # the fallback space leaves out the fixed combinations, so a new name never looks like a registered one
 _FREE = tuple(Style(c, m) for m in MARKERS for c in PALETTE if Style(c, m) not in set(STRATEGY_STYLES.values()))

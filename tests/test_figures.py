@@ -144,3 +144,13 @@ def test_unknown_extension_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "must end in .png, .pdf or .svg" in err[0]
     assert not (tmp_path / "c.jpg").exists()
+
+
+def test_every_registered_strategy_has_its_own_fixed_style():
+    import cl_merge.strategies  # noqa: F401  (registers the catalog)
+    from cl_merge.registry import STRATEGIES
+
+    missing = [n for n in STRATEGIES.names() if n not in STRATEGY_STYLES]
+    assert not missing, missing
+    fixed = list(STRATEGY_STYLES.values())
+    assert len(set(fixed)) == len(fixed)  # no two registered strategies look alike
