@@ -51,7 +51,7 @@ from cl_merge.merger import Merger
 from cl_merge.multitask_merge import RULES, per_task_rank
 from cl_merge.registry import register_merger
 from cl_merge.spectral import truncated_svd
-from cl_merge.strategies.epimer import epimer_from_factors
+from cl_merge.strategies.epimer import check_settings, epimer_from_factors
 from cl_merge.strategies.iso_merge import iso_c_matrix, iso_cts_matrix
 from cl_merge.strategies.tsv_merge import TaskFactors, whiten
 from cl_merge.tensor_kinds import join_qkv, rule_for, split_qkv
@@ -227,10 +227,7 @@ class ContinualEpiMer(ContinualMultiTask):
     fisher_min_samples: PositiveInt = 256
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1; got {self.k}")
-        if not self.eps > 0.0:
-            raise ValueError(f"eps must be > 0 (it keeps every projected curvature positive definite); got {self.eps}")
+        check_settings(self.k, self.eps)
         self.diagnostics: Dict[str, float] = {}
 
     def tensor_state_keys(self):

@@ -75,6 +75,14 @@ from cl_merge.strategies.tsv_merge import TaskFactors, task_factors, whiten
 CHUNK_ELEMENTS = 1 << 23
 
 
+def check_settings(k: int, eps: float) -> None:
+    """The settings every EpiMer variant (all at once, continual) refuses."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0 (it keeps every projected curvature positive definite); got {eps}")
+
+
 def projected_curvature(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Sᵀ diag(vec(weight)) S for S = [vec(u_i v_iᵀ)]_i: Σ_ab weight_ab (u_a ∘ v_b)(u_a ∘ v_b)ᵀ."""
     m, p = u.shape
@@ -198,10 +206,7 @@ class EpiMerMerger(MultiTaskMerger):
     fisher_min_samples: PositiveInt = 256
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1; got {self.k}")
-        if not self.eps > 0.0:
-            raise ValueError(f"eps must be > 0 (it keeps every projected curvature positive definite); got {self.eps}")
+        check_settings(self.k, self.eps)
         self.diagnostics: Dict[str, float] = {}
 
     def prepare(self, base, experts, fishers):
