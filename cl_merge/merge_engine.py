@@ -27,6 +27,7 @@ stored under its plain key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -274,3 +275,13 @@ def spec_of(store: Mapping[str, torch.Tensor], name: str):
         t = store[name]
         return t.dtype, tuple(t.shape)
     return store.spec(name)
+
+
+def logical_bytes(store) -> int:
+    """Bytes of a store's tensors (numel × element size, read from their specs): the merger state size the
+    results record per step, the same on the memory and the on-disk store (a file adds its header)."""
+    total = 0
+    for name in store:
+        dtype, shape = spec_of(store, name)
+        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return total

@@ -28,15 +28,13 @@ import math
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
-
 from .checkpoint import Checkpointer, load_optional
 from .divergence import check_step
 from .errors import UserError
 from .expert_cache import ExpertCache
 from .expert_provider import ExpertProvider, fit_seed  # noqa: F401  (fit_seed: part of this module's API)
 from .learner import Learner
-from .merge_engine import MergeContext, StepInputs, merge_step, spec_of, split_state
+from .merge_engine import MergeContext, StepInputs, logical_bytes, merge_step, spec_of, split_state
 from .merger import Merger
 from .multitask_merge import merge_at_once
 from .models.base import ModelAdapter
@@ -93,16 +91,6 @@ class StepRecord:
 PER_STEP_KEYS = ("acc_matrix", "expert_acc", "sar", "expert_source", "step_timings", "sar_current", "sar_per_task",
                  "sar_skipped_layers", "sar_rank_mean", "merge_record", "store_steps", "merger_state_bytes",
                  "expert_cache_keys")
-
-
-def logical_bytes(store) -> int:
-    """Bytes of a store's tensors (numel × element size, read from their specs): the merger state size the
-    results record per step, the same on the memory and the on-disk store (a file adds its header)."""
-    total = 0
-    for name in store:
-        dtype, shape = spec_of(store, name)
-        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return total
 
 
 def run_protocol(*, stream: Stream, adapter: ModelAdapter, learner: Learner, learner_name: str,

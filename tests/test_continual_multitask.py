@@ -10,7 +10,7 @@ import torch
 from cl_merge.errors import UserError
 from cl_merge.merge_engine import MergeContext
 from cl_merge.multitask_merge import kind_blocks, kind_matrix
-from cl_merge.protocol import logical_bytes
+from cl_merge.merge_engine import logical_bytes
 from cl_merge.strategies.continual_multitask import ContinualEpiMer, ContinualIsoC, ContinualIsoCTS, ContinualTSV
 from cl_merge.strategies.epimer import EpiMerMerger
 from cl_merge.strategies.iso_merge import IsoCMerger, IsoCTSMerger
