@@ -15,6 +15,7 @@ from cl_merge.strategies.continual_multitask import ContinualEpiMer, ContinualIs
 from cl_merge.strategies.epimer import EpiMerMerger
 from cl_merge.strategies.iso_merge import IsoCMerger, IsoCTSMerger
 from cl_merge.strategies.tsv_merge import TSVMerger
+from _svd_oracles import polar64 as _polar, svd64 as _svd
 
 D = 8
 SHAPES = {"blk.attn.in_proj_weight": (3 * D, D), "blk.mlp.c_fc.weight": (20, 12), "blk.mlp.c_fc.bias": (20,),
@@ -45,16 +46,6 @@ def _continual(merger, base, experts, fishers=None, steps=None, sequential=False
 
 def _blocks(name, tensor):
     return list(tensor.double().chunk(3, 0)) if name.endswith("in_proj_weight") else [tensor.double()]
-
-
-def _svd(a):
-    u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
-    return u, s, vh.T
-
-
-def _polar(a):
-    u, _, v = _svd(a)
-    return u @ v.T
 
 
 def _close(a, b, tol=1e-5):

@@ -10,6 +10,7 @@ from cl_merge.strategies.epimer import EpiMerMerger, epimer_matrix, subspace_fre
 from cl_merge.strategies.fisher_merge import FisherMerger, fisher_average
 from cl_merge.strategies.iso_merge import IsoCMerger, IsoCTSMerger
 from cl_merge.strategies.tsv_merge import TSVMerger
+from _svd_oracles import polar64 as _polar, svd64 as _svd
 
 SHAPES = {"w": (24, 16), "wide": (12, 20), "bias": (24,), "conv": (3, 2, 2, 2)}
 T = 4
@@ -25,16 +26,6 @@ def _states(seed, tasks=T, shapes=SHAPES):
 
 def _deltas(base, experts, name):
     return [(e[name] - base[name]).double() for e in experts]
-
-
-def _svd(a):
-    u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
-    return u, s, vh.T
-
-
-def _polar(a):
-    u, _, v = _svd(a)
-    return u @ v.T
 
 
 def _merged_delta(out, base, name):
