@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shlex
 import sys
 from typing import Any, Dict, List, Mapping
 
 import torch
+
+from .io import content_hash
 
 
 def created() -> str:
@@ -48,11 +49,7 @@ def _value(v: Any) -> str:
 
 
 def weight_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the state's tensors in name order: each name, dtype, shape and raw bytes (CPU,
-    contiguous). Two runs with the same hash deployed bit-identical weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """SHA-256 over the state's tensors in name order (name, dtype, shape, raw bytes): the content hash
+    the project's tensor files carry (``io.content_hash``), so a saved copy of the same weights names
+    the same hash. Two runs with the same hash deployed bit-identical weights."""
+    return content_hash(dict(state))
