@@ -156,10 +156,11 @@ def runs_table(results: Sequence[Dict[str, Any]]) -> str:
     out = ['<table id="runs" class="sortable"><thead><tr>'
            + "".join(_th(label, key, text) for label, key, text in RUN_COLUMNS)
            + _th("variant", "variant", True) + "</tr></thead><tbody>"]
-    ordered = sorted(results, key=lambda r: (r["benchmark"], len(r["tasks"]), -(r.get("acc") or 0.0),
-                                             str(r["strategy"]), str(r.get("run_id"))))
-    for result in ordered:
-        row = report.rows([result])[0]
+    table_rows = report.unsorted_rows(results)  # over every run: the independent experts, the settings
+    ordered = sorted(zip(results, table_rows), key=lambda rr: (rr[0]["benchmark"], len(rr[0]["tasks"]),
+                                                                -(rr[0].get("acc") or 0.0), str(rr[0]["strategy"]),
+                                                                str(rr[0].get("run_id"))))
+    for result, row in ordered:
         cells = []
         for _, key, text in RUN_COLUMNS:
             shown = report.cell(row, key)
@@ -169,20 +170,11 @@ def runs_table(results: Sequence[Dict[str, Any]]) -> str:
             else:
                 shown = esc(shown)
             cells.append(_td(shown, "" if value is None else value, "text" if text else ""))
-        variant = _variant(result, results)
-        cells.append(_td(esc(variant), variant, "text"))
+        # the settings that tell this run apart from its strategy's other runs (as `report`'s column)
+        cells.append(_td(esc(row["settings"]), row["settings"], "text"))
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
-
-
-def _variant(result: Dict[str, Any], results) -> str:
-    """The hyperparameters in which this run differs from other runs of its strategy (or "")."""
-    mine = result.get("hyperparameters") or {}
-    others = [r.get("hyperparameters") or {} for r in results
-              if r["strategy"] == result["strategy"] and r is not result]
-    keys = sorted(k for k in mine if k != "benchmark.num_tasks" and any(o.get(k) != mine[k] for o in others))
-    return ", ".join(f"{k}={mine[k]}" for k in keys)
 
 
 # ---- per-run heatmaps and settings -------------------------------------------------------------------

@@ -32,6 +32,13 @@ def scope_note(table_rows: List[Dict[str, Any]]) -> str:
 
 
 def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    out = unsorted_rows(results)
+    return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"]), x["settings"]))
+
+
+def unsorted_rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One table row per result, in the results' order: normalized ACC over the independent experts
+    found among ``results``, settings that tell a run apart from the other runs of its strategy."""
     from .normalization import independent_experts, independent_normalized_acc
 
     experts = independent_experts(results)
@@ -52,7 +59,7 @@ def rows(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "cache_read_s": timings.get("cache_read_s"),
             "diverged": bool(r.get("diverged")),
         })
-    return sorted(out, key=lambda x: (x["benchmark"], x["T"], -(x["acc"] or 0.0), str(x["strategy"]), x["settings"]))
+    return out
 
 
 def _settings_of(result: Dict[str, Any]) -> Dict[str, Any]:

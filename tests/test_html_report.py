@@ -107,3 +107,21 @@ def test_report_in_headless_chromium(page, tmp_path):
         assert im.size == (1200, 1600)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 50  # drawn content, not a blank page
+
+
+def test_runs_table_normalizes_like_report_over_every_run():
+    """A sequential run's norm. ACC divides by the independent experts found among all the report's
+    runs (cl_merge.normalization), in the HTML runs table as in `report`'s table."""
+    from cl_merge import html_report, report
+
+    runs = [*sorted((ROOT / "results" / "mini" / "runs").glob("mini_c-ft_sequential_order1_*.json"))[:1],
+            *sorted((ROOT / "results" / "mini" / "runs").glob("mini_c-ta_independent_order1_*.json"))[:1]]
+    results = [load_result(p) for p in runs]
+    expected = {r["strategy"]: r["normalized_acc"] for r in report.rows(results)}
+    assert expected["c-ft"] is not None  # c-ta's independent experts are the denominator
+    parser = Tables()
+    parser.feed(html_report.runs_table(results))
+    keys = [key for _, key, _ in html_report.RUN_COLUMNS]
+    shown = {cells[keys.index("strategy")]: float(cells[keys.index("normalized_acc")])
+             for cells in parser.tables["runs"]}
+    assert shown == pytest.approx(expected)
