@@ -71,14 +71,15 @@ def _settings_of(result: Dict[str, Any]) -> Dict[str, Any]:
 def distinguishing_settings(results: Sequence[Dict[str, Any]]) -> List[str]:
     """Per result, the settings in which it differs from other runs of the same strategy, protocol,
     benchmark and T ("" when none): two c-ta runs differing only in lr read "learner.lr=…"."""
+    from .grid.aggregate import describe_differences
+
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["benchmark"], r["strategy"], r["protocol"], len(r["tasks"])), []).append(_settings_of(r))
     out = []
     for r in results:
         mine, peers = _settings_of(r), groups[(r["benchmark"], r["strategy"], r["protocol"], len(r["tasks"]))]
-        differing = sorted({k for p in peers for k in set(p) | set(mine) if p.get(k) != mine.get(k)})
-        out.append(", ".join(f"{k}={mine.get(k)}" for k in differing))
+        out.append(describe_differences(mine, peers))
     return out
 
 

@@ -13,6 +13,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .reference import match_reference
 
+
+def describe_differences(mine: Dict[str, Any], peers: Sequence[Dict[str, Any]]) -> str:
+    """``key=value`` for every setting in which ``mine`` differs from any of ``peers`` (sorted keys;
+    "" when none): what tells same-named runs or rows apart in the tables."""
+    differing = sorted({k for p in peers for k in set(p) | set(mine) if p.get(k) != mine.get(k)})
+    return ", ".join(f"{k}={mine.get(k)}" for k in differing)
+
 def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
     """Mean and sample standard deviation (n − 1) of the non-null values, and their count."""
     kept = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -89,9 +96,7 @@ def aggregate(results: Sequence[Dict[str, Any]], reference: Optional[List[Dict[s
         variants = by_name[key[:5]]
         variant = ""
         if len(variants) > 1:
-            mine = json.loads(variant_json)
-            differing = sorted({k for v in variants for k in set(v) | set(mine) if v.get(k) != mine.get(k)})
-            variant = ", ".join(f"{k}={mine.get(k)}" for k in differing)
+            variant = describe_differences(json.loads(variant_json), variants)
         diverged = sum(1 for r in runs if r.get("diverged"))
         stats = {m: ((None, None, 0) if diverged else mean_std([f(r) for r in runs])) for m, f in metrics.items()}
         per_order: Dict[Any, Dict[str, Optional[float]]] = {}
